@@ -1,0 +1,10 @@
+"""healthmon: an always-on tensor health monitor for PyTorch.
+
+Interactive entry points: :func:`stats` (fused statistics of one tensor) and
+:func:`extension_available`. The monitor (:func:`watch`) builds on them.
+"""
+from .ops import extension_available
+from .stats import TensorStats, stats
+
+__all__ = ["TensorStats", "stats", "extension_available"]
+__version__ = "0.1.0"

@@ -1,0 +1,239 @@
+"""The one loader of the native extension, and checked entry points to every op.
+
+``import healthmon._C`` registers the ``torch.ops.healthmon.*`` operators (schemas in
+``csrc/schemas.cpp``). When it cannot be imported, every function here falls back to the
+float64 reference in :mod:`healthmon.reference` and one warning says how to build the
+extension. ``HEALTHMON_NO_EXT=1`` forces the fallback (used by the tests of that path).
+
+All functions take tensors on any device; outputs stay on the input's device and no
+function here synchronises with the device.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import reference
+from ._layout import LABEL_FIELDS, NUM_LABEL, NUM_STATS, STATS_FIELDS
+
+BUILD_HINT = "make build  (or: pip install --no-build-isolation --no-deps -e .)"
+
+_native = None          # torch.ops.healthmon when the extension is loaded
+_load_error: Optional[str] = None
+
+
+def _load() -> None:
+    global _native, _load_error
+    if os.environ.get("HEALTHMON_NO_EXT", "") not in ("", "0"):
+        _load_error = "disabled by HEALTHMON_NO_EXT"
+        return
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.healthmon)
+    except ImportError as exc:  # not built, or built against another torch
+        _load_error = str(exc)
+        warnings.warn(
+            "healthmon: the native extension is not available "
+            f"({exc}); falling back to the slow float64 reference. Build it with: {BUILD_HINT}",
+            RuntimeWarning, stacklevel=3)
+        return
+    if tuple(_C.STATS_FIELDS) != STATS_FIELDS or tuple(_C.LABEL_FIELDS) != LABEL_FIELDS:
+        raise ImportError("healthmon._C was built from another version of csrc/record.h; "
+                          f"rebuild it with: {BUILD_HINT}")
+    _native = torch.ops.healthmon
+
+
+def extension_available() -> bool:
+    """True when the compiled ops are in use, False when the float64 reference is."""
+    return _native is not None
+
+
+def extension_cuda_available() -> bool:
+    """True when the compiled extension contains the CUDA kernels."""
+    return _native is not None and bool(_C_has_cuda())
+
+
+def _C_has_cuda() -> bool:
+    from . import _C
+    return bool(getattr(_C, "HAS_CUDA", False))
+
+
+# --------------------------------------------------------------------------- validation
+
+_STATS_DTYPES = {
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
+    torch.uint16, torch.uint32, torch.uint64,
+}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+    if hasattr(torch, _name):
+        _STATS_DTYPES.add(getattr(torch, _name))
+_LABEL_DTYPES = {
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool,
+    torch.uint16, torch.uint32, torch.uint64,
+}
+STATS_DTYPES = frozenset(_STATS_DTYPES)
+LABEL_DTYPES = frozenset(_LABEL_DTYPES)
+
+
+def unsupported_reason(x: object, dtypes: frozenset = STATS_DTYPES) -> Optional[str]:
+    """Why ``x`` cannot go through the stats kernels, or None when it can (cheap: no sync)."""
+    if not isinstance(x, torch.Tensor):
+        return f"expected a torch.Tensor, got {type(x).__name__}"
+    if x.layout != torch.strided:
+        return f"{x.layout} tensors are not supported (only dense, torch.strided tensors)"
+    if x.is_quantized:
+        return "quantized tensors are not supported (dequantize first)"
+    if getattr(x, "is_nested", False):
+        return "nested tensors are not supported"
+    if x.dtype not in dtypes:
+        names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+        return f"dtype {x.dtype} is not supported (supported: {names})"
+    return None
+
+
+def _check(x: object, what: str, dtypes: frozenset = STATS_DTYPES) -> None:
+    reason = unsupported_reason(x, dtypes)
+    if reason is not None:
+        exc = TypeError if not isinstance(x, torch.Tensor) or "dtype" in reason else ValueError
+        raise exc(f"healthmon: {what}: {reason}")
+
+
+def _check_records(records: torch.Tensor, like: torch.Tensor, slots: Sequence[int]) -> None:
+    if not isinstance(records, torch.Tensor):
+        raise TypeError(f"healthmon: records must be a tensor, got {type(records).__name__}")
+    if records.dtype != torch.float64 or records.dim() != 2 or records.shape[1] != NUM_STATS:
+        raise ValueError(
+            f"healthmon: records must be a float64 tensor of shape (N, {NUM_STATS}), "
+            f"got {records.dtype} {tuple(records.shape)}")
+    if not records.is_contiguous():
+        raise ValueError("healthmon: records must be contiguous")
+    if records.device != like.device:
+        raise ValueError(f"healthmon: records are on {records.device} but the tensor is on "
+                         f"{like.device}; allocate the record buffer on the tensor's device")
+    for slot in slots:
+        if not 0 <= slot < records.shape[0]:
+            raise IndexError(f"healthmon: slot {slot} is outside the record buffer "
+                             f"(0 <= slot < {records.shape[0]})")
+
+
+# --------------------------------------------------------------------------- ops
+
+def stats_record(x: torch.Tensor) -> torch.Tensor:
+    """Fused statistics of ``x``.
+
+    Args:
+        x: any shape / layout; dtype in :data:`STATS_DTYPES`.
+    Returns:
+        float64 ``(NUM_STATS,)`` on ``x.device`` (fields: :data:`STATS_FIELDS`).
+    """
+    _check(x, "stats")
+    if _native is None:
+        return reference.stats_ref(x)
+    return _native.stats(x.detach())
+
+
+def stats_into(x: torch.Tensor, records: torch.Tensor, slot: int) -> None:
+    """Write the stats of ``x`` into ``records[slot]`` (float64 ``(N, NUM_STATS)``, same device)."""
+    _check(x, "stats_into")
+    _check_records(records, x, (slot,))
+    if _native is None:
+        reference.stats_into_ref(x, records, slot)
+    else:
+        _native.stats_into(x.detach(), records, slot)
+
+
+def multi_stats(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stats of every tensor of ``xs`` (one launch per device / dtype group on CUDA).
+
+    Returns float64 ``(len(xs), NUM_STATS)`` on the device of ``xs[0]`` (CPU when empty).
+    """
+    xs = list(xs)
+    for i, x in enumerate(xs):
+        _check(x, f"multi_stats[{i}]")
+    if xs and any(x.device != xs[0].device for x in xs):
+        raise ValueError("healthmon: multi_stats needs all tensors on one device")
+    if _native is None:
+        return reference.multi_stats_ref(xs).to(xs[0].device if xs else "cpu")
+    return _native.multi_stats([x.detach() for x in xs])
+
+
+def multi_stats_into(xs: Sequence[torch.Tensor], records: torch.Tensor,
+                     slots: Sequence[int]) -> None:
+    """Write the stats of ``xs[i]`` into ``records[slots[i]]`` in one pass over the list."""
+    xs, slots = list(xs), [int(s) for s in slots]
+    if len(xs) != len(slots):
+        raise ValueError(f"healthmon: {len(xs)} tensors but {len(slots)} slots")
+    if not xs:
+        return
+    for i, x in enumerate(xs):
+        _check(x, f"multi_stats_into[{i}]")
+        if x.device != records.device:
+            raise ValueError(f"healthmon: tensor {i} is on {x.device}, records on {records.device}")
+    _check_records(records, xs[0], slots)
+    if _native is None:
+        reference.multi_stats_into_ref(xs, records, slots)
+    else:
+        _native.multi_stats_into([x.detach() for x in xs], records, slots)
+
+
+def _check_labels(target: torch.Tensor, num_classes: int) -> None:
+    _check(target, "label check", LABEL_DTYPES)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"healthmon: num_classes must be an int, got {type(num_classes).__name__}")
+    if num_classes < 1:
+        raise ValueError(f"healthmon: num_classes must be >= 1, got {num_classes}")
+
+
+def label_record(target: torch.Tensor, num_classes: int, ignore_index: int = -100) -> torch.Tensor:
+    """Range check of integer labels: int64 ``(NUM_LABEL,)`` on ``target.device``
+    (fields: :data:`LABEL_FIELDS`)."""
+    _check_labels(target, num_classes)
+    if _native is None:
+        return reference.label_check_ref(target, num_classes, ignore_index)
+    return _native.label_check(target.detach(), num_classes, ignore_index)
+
+
+def label_sanitize(target: torch.Tensor, num_classes: int,
+                   ignore_index: int = -100) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`label_record` plus an int64 copy of ``target`` (same shape) in which every bad
+    label is replaced by ``ignore_index``; one pass, no host sync."""
+    _check_labels(target, num_classes)
+    if _native is None:
+        return reference.label_sanitize_ref(target, num_classes, ignore_index)
+    record, clean = _native.label_sanitize(target.detach(), num_classes, ignore_index)
+    return record, clean
+
+
+_load()
+
+
+# Fake (meta) kernels so every op traces under torch.compile / FakeTensorMode.
+if _native is not None:
+    @torch.library.register_fake("healthmon::stats")
+    def _stats_fake(x):
+        return x.new_empty((NUM_STATS,), dtype=torch.float64)
+
+    @torch.library.register_fake("healthmon::stats_into")
+    def _stats_into_fake(x, records, slot):
+        return None
+
+    @torch.library.register_fake("healthmon::multi_stats")
+    def _multi_stats_fake(xs):
+        device = xs[0].device if xs else torch.device("cpu")
+        return torch.empty((len(xs), NUM_STATS), dtype=torch.float64, device=device)
+
+    @torch.library.register_fake("healthmon::multi_stats_into")
+    def _multi_stats_into_fake(xs, records, slots):
+        return None
+
+    @torch.library.register_fake("healthmon::label_check")
+    def _label_check_fake(target, num_classes, ignore_index):
+        return target.new_empty((NUM_LABEL,), dtype=torch.int64)
+
+    @torch.library.register_fake("healthmon::label_sanitize")
+    def _label_sanitize_fake(target, num_classes, ignore_index):
+        return (target.new_empty((NUM_LABEL,), dtype=torch.int64),
+                torch.empty(target.shape, dtype=torch.int64, device=target.device))
