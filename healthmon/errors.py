@@ -1,0 +1,96 @@
+"""`Anomaly` (one bad tensor, where and when it was seen) and `HealthError`."""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+PHASES = ("input", "forward", "backward", "grad", "label")
+
+
+@dataclass
+class Anomaly:
+    """One bad tensor.
+
+    Attributes:
+        site: module qualified name (``encoder.layers.3.linear1``), ``<input>`` for the
+            model's inputs, or the loss call for label checks.
+        phase: one of :data:`PHASES`.
+        role: which output / argument / parameter (``output[0]``, ``grad_output``,
+            ``weight``, ``target``).
+        step: training step at which it was produced.
+        kind: ``"nan"``, ``"inf"`` or ``"label"``.
+        stats: the :class:`~healthmon.TensorStats` (or ``LabelStats``) of the bad tensor.
+        stack: frames of the code that produced it, outermost first (as
+            ``traceback.extract_stack`` gives them).
+        last_healthy: stats of the same site at its last healthy record, when known.
+        rank: distributed rank that saw it (None when not distributed).
+        consequences: later anomalies of the same step (NaN spreads; the first is the culprit).
+        call: the n-th call of the module in the step (modules called several times).
+    """
+    site: str
+    phase: str
+    role: str
+    step: int
+    kind: str
+    stats: Any
+    stack: List[traceback.FrameSummary] = field(default_factory=list)
+    last_healthy: Any = None
+    rank: Optional[int] = None
+    consequences: List["Anomaly"] = field(default_factory=list)
+    call: int = 0
+
+    @property
+    def where(self) -> str:
+        """``site (phase role), step N`` in one short string."""
+        call = f" call {self.call}" if self.call else ""
+        rank = f", rank {self.rank}" if self.rank is not None else ""
+        return f"{self.site}{call} ({self.phase} {self.role}), step {self.step}{rank}"
+
+    def headline(self) -> str:
+        """One line: what went bad and where."""
+        return f"{self.kind_text()} in {self.where}: {self.stats.describe()}"
+
+    def kind_text(self) -> str:
+        return {"nan": "NaN", "inf": "Inf", "label": "out-of-range labels"}.get(self.kind, self.kind)
+
+    def user_frames(self) -> List[traceback.FrameSummary]:
+        """Frames of the stack outside torch and healthmon, innermost first."""
+        def is_library(fr: traceback.FrameSummary) -> bool:
+            name = fr.filename.replace("\\", "/")
+            return ("/torch/" in name or "/healthmon/" in name and "/tests/" not in name
+                    or name.startswith("<frozen"))
+        return [fr for fr in reversed(self.stack) if not is_library(fr)]
+
+    def report(self) -> str:
+        """The complete human report (what, where, last healthy stats, stack)."""
+        lines = [f"healthmon: {self.headline()}"]
+        if self.last_healthy is not None:
+            lines.append(f"  last healthy record of this site: {self.last_healthy.describe()}")
+        if self.consequences:
+            shown = ", ".join(a.where for a in self.consequences[:5])
+            more = f" and {len(self.consequences) - 5} more" if len(self.consequences) > 5 else ""
+            lines.append(f"  later in the same step (consequences): {shown}{more}")
+        user = self.user_frames()
+        if user:
+            lines.append("  produced by (your code, innermost first):")
+            lines.extend(_format_frame(fr) for fr in user)
+        if self.stack:
+            lines.append("  full stack (most recent call last):")
+            lines.extend(_format_frame(fr) for fr in self.stack)
+        return "\n".join(lines)
+
+
+def _format_frame(fr: traceback.FrameSummary) -> str:
+    text = f"    File \"{fr.filename}\", line {fr.lineno}, in {fr.name}"
+    if fr.line:
+        text += f"\n      {fr.line.strip()}"
+    return text
+
+
+class HealthError(RuntimeError):
+    """Raised when a watched tensor goes bad; ``.anomaly`` holds the :class:`Anomaly`."""
+
+    def __init__(self, anomaly: Anomaly, message: Optional[str] = None):
+        self.anomaly = anomaly
+        super().__init__(message if message is not None else anomaly.report())
