@@ -33,3 +33,14 @@ enum LabelField : int {
 };
 
 }  // namespace healthmon
+
+namespace healthmon {
+
+// Field names, in record order (exported to Python as _C.STATS_FIELDS / _C.LABEL_FIELDS).
+static constexpr const char* kStatsFieldNames[kNumStatsFields] = {
+    "numel", "nan", "posinf", "neginf", "zeros", "finite",
+    "min", "max", "sum", "sumsq", "absmax"};
+static constexpr const char* kLabelFieldNames[kNumLabelFields] = {
+    "numel", "bad", "ignored", "min", "max", "first_bad"};
+
+}  // namespace healthmon

@@ -1,0 +1,36 @@
+# Two commands for a new user on a fresh clone:  make demo  and  make test.
+# Set-up (idempotent): a virtual environment that reuses an importable torch, or installs
+# torch==2.13.0 (the version CI uses); test/report dependencies; the extension built in place.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP  := $(VENV)/.healthmon-setup
+
+.PHONY: setup build test demo bench bench-kernels clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q "pytest>=7" "hypothesis>=6" numpy ninja "matplotlib>=3.5" "tensorboard>=2.10"
+	touch $(STAMP)
+
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m healthmon demo
+
+bench-kernels: build
+	$(PY) bench/kernels.py
+
+bench: build
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf build healthmon/_C*.so *.egg-info

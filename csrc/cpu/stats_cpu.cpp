@@ -1,0 +1,241 @@
+// CPU kernels of the stats ops: one pass, vectorised block kernels, parallel over fixed-size
+// chunks with a deterministic in-order combine (results do not depend on the thread count).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../checks.h"
+#include "../record.h"
+
+namespace healthmon {
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;  // elements per parallel task (fixed: determinism)
+constexpr int64_t kBlock = 1 << 10;  // elements per float-accumulated block inside a chunk
+
+// Statistics of a run of elements; combined in a fixed order.
+struct Partial {
+  int64_t nan = 0, posinf = 0, neginf = 0, zeros = 0;
+  double min = std::numeric_limits<double>::infinity();
+  double max = -std::numeric_limits<double>::infinity();
+  double sum = 0, sumsq = 0, absmax = 0;
+
+  void merge(const Partial& o) {
+    nan += o.nan; posinf += o.posinf; neginf += o.neginf; zeros += o.zeros;
+    min = std::min(min, o.min); max = std::max(max, o.max);
+    sum += o.sum; sumsq += o.sumsq; absmax = std::max(absmax, o.absmax);
+  }
+};
+
+// Branch-free loop the compiler vectorises (omp simd reductions; target clones pick AVX2 /
+// AVX-512 at load time). Accumulates in T: callers keep blocks short for float.
+template <typename T>
+inline __attribute__((always_inline)) void block_stats(const T* __restrict x, int64_t n,
+                                                       Partial& p) {
+  const T inf = std::numeric_limits<T>::infinity();
+  int32_t nan = 0, posinf = 0, neginf = 0, zeros = 0;
+  T mn = inf, mx = -inf, s = 0, ss = 0, am = 0;
+#pragma omp simd reduction(+ : nan, posinf, neginf, zeros, s, ss) reduction(min : mn) \
+    reduction(max : mx, am)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    const T a = v < 0 ? -v : v;
+    const bool is_nan = !(v == v);
+    const bool finite = a < inf;  // false for NaN and ±Inf
+    nan += is_nan;
+    posinf += v == inf;
+    neginf += v == -inf;
+    zeros += v == 0;
+    const T f = finite ? v : T(0);
+    const T f_lo = finite ? v : inf;
+    const T f_hi = finite ? v : -inf;
+    const T f_abs = finite ? a : T(0);
+    s += f;
+    ss += f * f;
+    mn = f_lo < mn ? f_lo : mn;
+    mx = f_hi > mx ? f_hi : mx;
+    am = f_abs > am ? f_abs : am;
+  }
+  p.nan += nan; p.posinf += posinf; p.neginf += neginf; p.zeros += zeros;
+  p.min = std::min(p.min, double(mn)); p.max = std::max(p.max, double(mx));
+  p.sum += double(s); p.sumsq += double(ss); p.absmax = std::max(p.absmax, double(am));
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HM_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define HM_TARGET_CLONES
+#endif
+
+HM_TARGET_CLONES void span_stats_f32(const float* x, int64_t n, Partial& p) {
+  for (int64_t i = 0; i < n; i += kBlock) block_stats<float>(x + i, std::min(kBlock, n - i), p);
+}
+
+HM_TARGET_CLONES void span_stats_f64(const double* x, int64_t n, Partial& p) {
+  block_stats<double>(x, n, p);
+}
+
+// Reduced-precision floats: widen a block to float on the stack, then the float kernel.
+template <typename T>
+void span_stats_widened(const T* x, int64_t n, Partial& p) {
+  float buf[kBlock];
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t m = std::min(kBlock, n - i);
+    for (int64_t j = 0; j < m; ++j) buf[j] = static_cast<float>(x[i + j]);
+    span_stats_f32(buf, m, p);
+  }
+}
+
+// Integer and bool tensors: no NaN / Inf; exact min / max, sums in double.
+template <typename T>
+void span_stats_integer(const T* x, int64_t n, Partial& p) {
+  using Wide = std::conditional_t<std::is_signed_v<T>, int64_t, uint64_t>;
+  Wide mn = std::numeric_limits<Wide>::max(), mx = std::numeric_limits<Wide>::min();
+  int64_t zeros = 0;
+  double s = 0, ss = 0;
+  Wide am = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const Wide v = static_cast<Wide>(x[i]);
+    zeros += v == 0;
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+    const double d = static_cast<double>(v);
+    s += d;
+    ss += d * d;
+    Wide a = v;
+    if constexpr (std::is_signed_v<T>) a = v < 0 ? Wide(0) - v : v;
+    am = a > am ? a : am;
+  }
+  p.zeros += zeros;
+  if (n > 0) {
+    p.min = std::min(p.min, double(mn));
+    p.max = std::max(p.max, double(mx));
+    p.absmax = std::max(p.absmax, double(am));
+  }
+  p.sum += s;
+  p.sumsq += ss;
+}
+
+void span_stats(const void* data, at::ScalarType dtype, int64_t n, Partial& p) {
+  switch (dtype) {
+    case at::kFloat: return span_stats_f32(static_cast<const float*>(data), n, p);
+    case at::kDouble: return span_stats_f64(static_cast<const double*>(data), n, p);
+    case at::kHalf: return span_stats_widened(static_cast<const at::Half*>(data), n, p);
+    case at::kBFloat16: return span_stats_widened(static_cast<const at::BFloat16*>(data), n, p);
+    case at::kFloat8_e4m3fn:
+      return span_stats_widened(static_cast<const c10::Float8_e4m3fn*>(data), n, p);
+    case at::kFloat8_e5m2:
+      return span_stats_widened(static_cast<const c10::Float8_e5m2*>(data), n, p);
+    case at::kFloat8_e4m3fnuz:
+      return span_stats_widened(static_cast<const c10::Float8_e4m3fnuz*>(data), n, p);
+    case at::kFloat8_e5m2fnuz:
+      return span_stats_widened(static_cast<const c10::Float8_e5m2fnuz*>(data), n, p);
+    case at::kBool: return span_stats_integer(static_cast<const uint8_t*>(data), n, p);
+    case at::kByte: return span_stats_integer(static_cast<const uint8_t*>(data), n, p);
+    case at::kChar: return span_stats_integer(static_cast<const int8_t*>(data), n, p);
+    case at::kShort: return span_stats_integer(static_cast<const int16_t*>(data), n, p);
+    case at::kInt: return span_stats_integer(static_cast<const int32_t*>(data), n, p);
+    case at::kLong: return span_stats_integer(static_cast<const int64_t*>(data), n, p);
+    case at::kUInt16: return span_stats_integer(static_cast<const uint16_t*>(data), n, p);
+    case at::kUInt32: return span_stats_integer(static_cast<const uint32_t*>(data), n, p);
+    case at::kUInt64: return span_stats_integer(static_cast<const uint64_t*>(data), n, p);
+    default: TORCH_CHECK(false, "healthmon: unsupported dtype ", dtype);
+  }
+}
+
+void write_record(const Partial& p, int64_t numel, double* row) {
+  const int64_t finite = numel - p.nan - p.posinf - p.neginf;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  row[kNumel] = double(numel);
+  row[kNan] = double(p.nan);
+  row[kPosInf] = double(p.posinf);
+  row[kNegInf] = double(p.neginf);
+  row[kZeros] = double(p.zeros);
+  row[kFinite] = double(finite);
+  row[kMin] = finite > 0 ? p.min : nan;
+  row[kMax] = finite > 0 ? p.max : nan;
+  row[kSum] = p.sum;
+  row[kSumSq] = p.sumsq;
+  row[kAbsMax] = p.absmax;
+}
+
+// All tensors' chunks form one task list for one parallel pass; partials are combined per
+// tensor in chunk order.
+void stats_many(const std::vector<at::Tensor>& xs, double* records, at::IntArrayRef slots) {
+  std::vector<at::Tensor> spans;
+  std::vector<int64_t> first_chunk(xs.size() + 1, 0);
+  spans.reserve(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    spans.push_back(as_flat_span(xs[i]));
+    first_chunk[i + 1] = first_chunk[i] + (xs[i].numel() + kChunk - 1) / kChunk;
+  }
+  const int64_t total_chunks = first_chunk.back();
+  std::vector<Partial> partials(total_chunks);
+  at::parallel_for(0, total_chunks, 1, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(first_chunk.begin(), first_chunk.end(), begin) -
+               first_chunk.begin() - 1;
+    for (int64_t c = begin; c < end; ++c) {
+      while (c >= first_chunk[t + 1]) ++t;
+      const at::Tensor& x = spans[t];
+      const int64_t start = (c - first_chunk[t]) * kChunk;
+      const int64_t n = std::min(kChunk, x.numel() - start);
+      const char* base = static_cast<const char*>(x.const_data_ptr());
+      span_stats(base + start * x.element_size(), x.scalar_type(), n, partials[c]);
+    }
+  });
+  for (size_t t = 0; t < xs.size(); ++t) {
+    Partial total;
+    for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) total.merge(partials[c]);
+    write_record(total, xs[t].numel(), records + slots[t] * kNumStatsFields);
+  }
+}
+
+void stats_into_cpu(const at::Tensor& x, at::Tensor& records, int64_t slot) {
+  check_stats_input(x, "stats_into");
+  check_records(records, x.device(), {slot}, "stats_into");
+  stats_many({x}, records.data_ptr<double>(), {slot});
+}
+
+at::Tensor stats_cpu(const at::Tensor& x) {
+  check_stats_input(x, "stats");
+  at::Tensor out = at::empty({1, kNumStatsFields}, x.options().dtype(at::kDouble));
+  stats_many({x}, out.data_ptr<double>(), {0});
+  return out.view({kNumStatsFields});
+}
+
+void multi_stats_into_cpu(at::TensorList xs, at::Tensor& records, at::IntArrayRef slots) {
+  TORCH_CHECK(xs.size() == slots.size(), "healthmon.multi_stats_into: ", xs.size(),
+              " tensors but ", slots.size(), " slots");
+  for (const auto& x : xs) check_stats_input(x, "multi_stats_into");
+  check_records(records, records.device(), slots, "multi_stats_into");
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.device() == records.device(), "healthmon.multi_stats_into: a tensor is on ",
+                x.device(), " but the records are on ", records.device());
+  }
+  stats_many(xs.vec(), records.data_ptr<double>(), slots);
+}
+
+at::Tensor multi_stats_cpu(at::TensorList xs) {
+  for (const auto& x : xs) check_stats_input(x, "multi_stats");
+  at::Tensor out = at::empty({int64_t(xs.size()), kNumStatsFields}, at::dtype(at::kDouble));
+  std::vector<int64_t> slots(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) slots[i] = int64_t(i);
+  stats_many(xs.vec(), out.data_ptr<double>(), slots);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(healthmon, CPU, m) {
+  m.impl("stats", &stats_cpu);
+  m.impl("stats_into", &stats_into_cpu);
+  m.impl("multi_stats", &multi_stats_cpu);
+  m.impl("multi_stats_into", &multi_stats_into_cpu);
+}
+
+}  // namespace healthmon

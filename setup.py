@@ -1,0 +1,46 @@
+"""Builds healthmon._C: the CPU kernels always, the CUDA kernels when the installed torch has
+CUDA and a CUDA toolkit is found (never by probing for a GPU).
+
+torch must already be installed (``pip install --no-build-isolation -e .``, like flash-attn
+and torchao); ``HEALTHMON_CPU_ONLY=1`` skips the CUDA part.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - build-time message
+    raise SystemExit("healthmon: torch must be installed before building the extension; "
+                     "install it, then: pip install --no-build-isolation -e .") from exc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _with_cuda() -> bool:
+    if os.environ.get("HEALTHMON_CPU_ONLY", "") not in ("", "0"):
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    cpu_sources = ["csrc/schemas.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=HERE))
+    cxx_flags = ["-O3", "-fopenmp-simd"]
+    if not _with_cuda():
+        return CppExtension("healthmon._C", cpu_sources,
+                            extra_compile_args={"cxx": cxx_flags})
+    cuda_sources = ["csrc/cuda_glue.cpp"] + sorted(glob.glob("csrc/cuda/*.cu", root_dir=HERE))
+    return CUDAExtension(
+        "healthmon._C", cpu_sources + cuda_sources,
+        define_macros=[("HEALTHMON_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-std=c++17"]})
+
+
+setup(
+    name="healthmon",
+    packages=find_packages(include=["healthmon", "healthmon.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
