@@ -72,8 +72,30 @@ inline __attribute__((always_inline)) void block_stats(const T* __restrict x, in
 #define HM_TARGET_CLONES
 #endif
 
+// Sum and sum of squares of the finite values in double: the slow path of a float block whose
+// float accumulators overflowed (values near the float range; squares above ~1.8e19).
+void block_sums_f64(const float* x, int64_t n, double& sum, double& sumsq) {
+  sum = 0;
+  sumsq = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = x[i];
+    if (std::isfinite(v)) {
+      sum += v;
+      sumsq += v * v;
+    }
+  }
+}
+
 HM_TARGET_CLONES void span_stats_f32(const float* x, int64_t n, Partial& p) {
-  for (int64_t i = 0; i < n; i += kBlock) block_stats<float>(x + i, std::min(kBlock, n - i), p);
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t m = std::min(kBlock, n - i);
+    Partial block;
+    block_stats<float>(x + i, m, block);
+    if (!std::isfinite(block.sum) || !std::isfinite(block.sumsq)) {
+      block_sums_f64(x + i, m, block.sum, block.sumsq);
+    }
+    p.merge(block);
+  }
 }
 
 HM_TARGET_CLONES void span_stats_f64(const double* x, int64_t n, Partial& p) {

@@ -1,0 +1,169 @@
+"""The Python API around the ops: layout agreement, opcheck, fake kernels, bad input, and the
+float64 fallback when the extension is missing."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import healthmon
+from healthmon import ops
+from healthmon._layout import LABEL_FIELDS, NUM_STATS, STATS_FIELDS
+
+needs_ext = pytest.mark.skipif(not ops.extension_available(),
+                               reason="native extension not built (make build)")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@needs_ext
+def test_layout_matches_compiled_extension():
+    from healthmon import _C
+    assert tuple(_C.STATS_FIELDS) == STATS_FIELDS
+    assert tuple(_C.LABEL_FIELDS) == LABEL_FIELDS
+
+
+@needs_ext
+@pytest.mark.parametrize("case", ["stats", "stats_into", "multi_stats", "multi_stats_into",
+                                  "label_check", "label_sanitize"])
+def test_opcheck(case):
+    x = torch.randn(5, 7)
+    x[1, 2] = math.nan
+    target = torch.tensor([[0, 3, 9], [-100, 2, -1]])
+    records = torch.zeros(4, NUM_STATS, dtype=torch.float64)
+    calls = {
+        "stats": (torch.ops.healthmon.stats.default, (x,)),
+        "stats_into": (torch.ops.healthmon.stats_into.default, (x, records, 1)),
+        "multi_stats": (torch.ops.healthmon.multi_stats.default, ([x, x.t(), x[0]],)),
+        "multi_stats_into": (torch.ops.healthmon.multi_stats_into.default,
+                             ([x, x[:2]], records, [3, 0])),
+        "label_check": (torch.ops.healthmon.label_check.default, (target, 8, -100)),
+        "label_sanitize": (torch.ops.healthmon.label_sanitize.default, (target, 8, -100)),
+    }
+    op, args = calls[case]
+    torch.library.opcheck(op, args)
+
+
+@needs_ext
+def test_fake_kernels_trace_under_fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(3, 4)
+        assert ops.stats_record(x).shape == (NUM_STATS,)
+        rec, clean = ops.label_sanitize(torch.empty(2, 3, dtype=torch.int64), 5)
+        assert clean.shape == (2, 3) and clean.dtype == torch.int64
+
+
+@needs_ext
+def test_compiles_under_torch_compile():
+    def f(x):
+        return torch.ops.healthmon.stats(x * 2)
+    x = torch.randn(100)
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
+
+
+def test_tensor_stats_properties():
+    s = healthmon.stats(torch.tensor([3.0, -4.0, math.nan, math.inf, 0.0]))
+    assert (s.numel, s.nan, s.posinf, s.neginf, s.zeros, s.finite) == (5, 1, 1, 0, 1, 3)
+    assert s.min == -4.0 and s.max == 3.0 and s.absmax == 4.0
+    assert s.norm == 5.0 and s.mean == pytest.approx(-1 / 3) and s.rms == pytest.approx(5 / math.sqrt(3))
+    assert s.has_nonfinite and s.nonfinite == 2
+    empty = healthmon.stats(torch.empty(0))
+    assert empty.numel == 0 and math.isnan(empty.min) and math.isnan(empty.mean)
+    assert not empty.has_nonfinite and "1 NaN" in s.describe()
+
+
+@pytest.mark.parametrize("bad, exc", [
+    ([1.0, 2.0], TypeError),
+    (torch.randn(3, dtype=torch.complex64), TypeError),
+    (torch.randn(4, 4).to_sparse(), ValueError),
+    (torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.quint8), ValueError),
+])
+def test_bad_inputs_get_clear_errors(bad, exc):
+    with pytest.raises(exc, match="healthmon"):
+        healthmon.stats(bad)
+
+
+def test_bad_record_buffers_are_refused_before_any_write():
+    x = torch.randn(10)
+    with pytest.raises(ValueError, match="float64"):
+        ops.stats_into(x, torch.zeros(3, NUM_STATS, dtype=torch.float32), 0)
+    with pytest.raises(ValueError, match="shape"):
+        ops.stats_into(x, torch.zeros(3, NUM_STATS + 1, dtype=torch.float64), 0)
+    with pytest.raises(IndexError, match="slot 3"):
+        ops.stats_into(x, torch.zeros(3, NUM_STATS, dtype=torch.float64), 3)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.stats_into(x, torch.zeros(NUM_STATS, 3, dtype=torch.float64).t(), 0)
+
+
+@needs_ext
+def test_native_ops_check_their_arguments_too():
+    x = torch.randn(10)
+    with pytest.raises(RuntimeError, match="outside the record buffer"):
+        torch.ops.healthmon.stats_into(x, torch.zeros(2, NUM_STATS, dtype=torch.float64), 5)
+    with pytest.raises(RuntimeError, match="float64"):
+        torch.ops.healthmon.stats_into(x, torch.zeros(2, NUM_STATS, dtype=torch.int64), 0)
+    with pytest.raises(RuntimeError, match="num_classes"):
+        torch.ops.healthmon.label_check(torch.zeros(3, dtype=torch.int64), 0, -100)
+    with pytest.raises(RuntimeError, match="integer"):
+        torch.ops.healthmon.label_check(torch.zeros(3), 4, -100)
+
+
+def test_label_api_bad_input():
+    with pytest.raises(TypeError, match="dtype"):
+        ops.label_record(torch.zeros(3), 4)
+    with pytest.raises(ValueError, match="num_classes"):
+        ops.label_record(torch.zeros(3, dtype=torch.int64), 0)
+    with pytest.raises(TypeError, match="num_classes"):
+        ops.label_record(torch.zeros(3, dtype=torch.int64), 2.5)
+
+
+def test_meta_tensors_go_through_the_fake_kernel():
+    if not ops.extension_available():
+        pytest.skip("fake kernels are registered with the native ops")
+    out = ops.stats_record(torch.empty(4, 4, device="meta"))
+    assert out.device.type == "meta" and out.shape == (NUM_STATS,)
+
+
+def test_fallback_to_reference_warns_once_and_agrees():
+    code = (
+        "import warnings, torch, math\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import healthmon\n"
+        "    from healthmon import ops\n"
+        "    x = torch.tensor([1.0, math.nan, -math.inf, 0.0])\n"
+        "    s = healthmon.stats(x); healthmon.stats(x)\n"
+        "    ops.label_record(torch.tensor([0, 9]), 3)\n"
+        "print(healthmon.extension_available(), s.nan, s.neginf, s.zeros, s.max)\n")
+    env = dict(os.environ, HEALTHMON_NO_EXT="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "1", "1", "1", "1.0"]
+
+
+def test_missing_extension_gives_one_warning_naming_the_build_command():
+    code = (
+        "import sys, warnings, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'healthmon._C': raise ImportError('no _C here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import healthmon, torch\n"
+        "    healthmon.stats(torch.ones(3)); healthmon.stats(torch.ones(3))\n"
+        "msgs = [str(x.message) for x in w if 'healthmon' in str(x.message)]\n"
+        "print(len(msgs)); print(msgs[0])\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("HEALTHMON_NO_EXT", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    count, message = out.stdout.split("\n", 1)
+    assert count == "1" and "make build" in message and "reference" in message
