@@ -32,8 +32,8 @@ struct Partial {
   }
 };
 
-// Branch-free loop the compiler vectorises (omp simd reductions; target clones pick AVX2 /
-// AVX-512 at load time). Accumulates in T: callers keep blocks short for float.
+// Exact statistics of a short block: branch-free, vectorised by the compiler (omp simd
+// reductions), accumulating in T. Used for blocks that hold a non-finite value.
 template <typename T>
 inline __attribute__((always_inline)) void block_stats(const T* __restrict x, int64_t n,
                                                        Partial& p) {
@@ -45,9 +45,8 @@ inline __attribute__((always_inline)) void block_stats(const T* __restrict x, in
   for (int64_t i = 0; i < n; ++i) {
     const T v = x[i];
     const T a = v < 0 ? -v : v;
-    const bool is_nan = !(v == v);
     const bool finite = a < inf;  // false for NaN and ±Inf
-    nan += is_nan;
+    nan += !(v == v);
     posinf += v == inf;
     neginf += v == -inf;
     zeros += v == 0;
@@ -64,6 +63,37 @@ inline __attribute__((always_inline)) void block_stats(const T* __restrict x, in
   p.nan += nan; p.posinf += posinf; p.neginf += neginf; p.zeros += zeros;
   p.min = std::min(p.min, double(mn)); p.max = std::max(p.max, double(mx));
   p.sum += double(s); p.sumsq += double(ss); p.absmax = std::max(p.absmax, double(am));
+}
+
+// Fast path of a block assumed all finite: no masking, and abs-max comes from min / max.
+// Returns false when the assumption fails: any NaN or ±Inf makes the sum of squares NaN or
+// Inf (as does a square beyond T's range); the caller then reruns the exact kernel on the
+// block, which is still in L1.
+template <typename T>
+inline __attribute__((always_inline)) bool block_stats_finite(const T* __restrict x, int64_t n,
+                                                              Partial& p) {
+  const T inf = std::numeric_limits<T>::infinity();
+  int32_t zeros = 0;
+  T mn = inf, mx = -inf, s = 0, ss = 0;
+#pragma omp simd reduction(+ : zeros, s, ss) reduction(min : mn) reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    zeros += v == 0;
+    s += v;
+    ss += v * v;
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  if (!std::isfinite(ss) || !std::isfinite(s)) return false;
+  p.zeros += zeros;
+  if (n > 0) {
+    p.min = std::min(p.min, double(mn));
+    p.max = std::max(p.max, double(mx));
+    p.absmax = std::max(p.absmax, std::max(-double(mn), double(mx)));
+  }
+  p.sum += double(s);
+  p.sumsq += double(ss);
+  return true;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -90,25 +120,76 @@ HM_TARGET_CLONES void span_stats_f32(const float* x, int64_t n, Partial& p) {
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t m = std::min(kBlock, n - i);
     Partial block;
-    block_stats<float>(x + i, m, block);
-    if (!std::isfinite(block.sum) || !std::isfinite(block.sumsq)) {
-      block_sums_f64(x + i, m, block.sum, block.sumsq);
+    if (!block_stats_finite<float>(x + i, m, block)) {
+      block = Partial();
+      block_stats<float>(x + i, m, block);
+      if (!std::isfinite(block.sum) || !std::isfinite(block.sumsq)) {
+        block_sums_f64(x + i, m, block.sum, block.sumsq);
+      }
     }
     p.merge(block);
   }
 }
 
 HM_TARGET_CLONES void span_stats_f64(const double* x, int64_t n, Partial& p) {
-  block_stats<double>(x, n, p);
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t m = std::min(kBlock, n - i);
+    Partial block;
+    if (!block_stats_finite<double>(x + i, m, block)) {
+      block = Partial();
+      block_stats<double>(x + i, m, block);
+    }
+    p.merge(block);
+  }
 }
 
 // Reduced-precision floats: widen a block to float on the stack, then the float kernel.
 template <typename T>
 void span_stats_widened(const T* x, int64_t n, Partial& p) {
-  float buf[kBlock];
+  alignas(64) float buf[kBlock];
   for (int64_t i = 0; i < n; i += kBlock) {
     const int64_t m = std::min(kBlock, n - i);
     for (int64_t j = 0; j < m; ++j) buf[j] = static_cast<float>(x[i + j]);
+    span_stats_f32(buf, m, p);
+  }
+}
+
+// bfloat16 is the top half of a float: widening is a shift, which vectorises.
+HM_TARGET_CLONES void widen_bf16(const uint16_t* __restrict x, int64_t n, float* __restrict out) {
+  uint32_t* bits = reinterpret_cast<uint32_t*>(out);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) bits[j] = uint32_t(x[j]) << 16;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+// float16 through the compiler's _Float16: F16C conversions in the x86-64-v3/v4 clones.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void widen_f16(const uint16_t* __restrict x, int64_t n, float* __restrict out) {
+  const _Float16* h = reinterpret_cast<const _Float16*>(x);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(h[j]);
+}
+#else
+void widen_f16(const uint16_t* __restrict x, int64_t n, float* __restrict out) {
+  const at::Half* h = reinterpret_cast<const at::Half*>(x);
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(h[j]);
+}
+#endif
+
+void span_stats_f16(const at::Half* x, int64_t n, Partial& p) {
+  alignas(64) float buf[kBlock];
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t m = std::min(kBlock, n - i);
+    widen_f16(reinterpret_cast<const uint16_t*>(x + i), m, buf);
+    span_stats_f32(buf, m, p);
+  }
+}
+
+void span_stats_bf16(const at::BFloat16* x, int64_t n, Partial& p) {
+  alignas(64) float buf[kBlock];
+  for (int64_t i = 0; i < n; i += kBlock) {
+    const int64_t m = std::min(kBlock, n - i);
+    widen_bf16(reinterpret_cast<const uint16_t*>(x + i), m, buf);
     span_stats_f32(buf, m, p);
   }
 }
@@ -147,8 +228,8 @@ void span_stats(const void* data, at::ScalarType dtype, int64_t n, Partial& p) {
   switch (dtype) {
     case at::kFloat: return span_stats_f32(static_cast<const float*>(data), n, p);
     case at::kDouble: return span_stats_f64(static_cast<const double*>(data), n, p);
-    case at::kHalf: return span_stats_widened(static_cast<const at::Half*>(data), n, p);
-    case at::kBFloat16: return span_stats_widened(static_cast<const at::BFloat16*>(data), n, p);
+    case at::kHalf: return span_stats_f16(static_cast<const at::Half*>(data), n, p);
+    case at::kBFloat16: return span_stats_bf16(static_cast<const at::BFloat16*>(data), n, p);
     case at::kFloat8_e4m3fn:
       return span_stats_widened(static_cast<const c10::Float8_e4m3fn*>(data), n, p);
     case at::kFloat8_e5m2:
