@@ -1,0 +1,180 @@
+"""`python -m healthmon demo`: the main job on an embedded default.
+
+A small UNet-like segmentation model trained on synthetic images, monitored by healthmon;
+then the same training with two real-world bugs injected, each caught with its report:
+
+1. the uint8 label wrap-around (``label -= 1`` on a uint8 map turns "void" 0 into 255, and
+   ``cross_entropy`` would die with a device-side assert on a GPU);
+2. a masked division (``y = x / div; loss = y[mask].sum()`` with zeros in ``div`` under the
+   mask): the loss is finite but the gradient is NaN.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NUM_CLASSES = 4
+IMAGE_SIZE = 32
+
+
+class TinyUNet(nn.Module):
+    """Two-level UNet: ``(B, 3, H, W)`` float32 images -> ``(B, num_classes, H, W)`` logits."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 8):
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1),
+                                  nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.up = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.dec = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.enc1(x)
+        deep = self.enc2(F.max_pool2d(skip, 2))
+        return self.head(self.dec(torch.cat([self.up(deep), skip], dim=1)))
+
+
+def synthetic_batch(gen: torch.Generator, batch: int = 8, size: int = IMAGE_SIZE):
+    """Images of coloured rectangles on a dark background and their 1-based label maps.
+
+    Returns:
+        images: float32 ``(B, 3, size, size)``, normalised.
+        labels: uint8 ``(B, size, size)``; 0 = void (unlabelled border), 1.. = background and
+        shapes, as many datasets store them (hence the ``label -= 1`` of the demo's bug).
+    """
+    palette = torch.tensor([[0.1, 0.1, 0.1], [0.9, 0.2, 0.2], [0.2, 0.9, 0.2], [0.2, 0.2, 0.9]])
+    labels = torch.ones(batch, size, size, dtype=torch.uint8)  # class 0 (background), 1-based
+    for b in range(batch):
+        for _ in range(3):
+            cls = int(torch.randint(1, NUM_CLASSES, (1,), generator=gen))
+            y0, x0 = (int(v) for v in torch.randint(0, size - 8, (2,), generator=gen))
+            h, w = (int(v) for v in torch.randint(4, 12, (2,), generator=gen))
+            labels[b, y0:y0 + h, x0:x0 + w] = cls + 1
+    labels[:, 0, :] = 0  # a void border row, as annotation tools leave them
+    images = palette[(labels.long() - 1).clamp(min=0)].permute(0, 3, 1, 2)
+    images = images + 0.1 * torch.randn(images.shape, generator=gen)
+    return (images - 0.5) / 0.3, labels
+
+
+def healthy_loss(logits, labels_u8):
+    """The right way: widen first, then shift; void (-1) is ignored."""
+    target = labels_u8.long() - 1
+    return F.cross_entropy(logits, target, ignore_index=-1)
+
+
+def wraparound_loss(logits, labels_u8):
+    """The bug: shifting the uint8 map in place turns void 0 into 255."""
+    labels_u8 = labels_u8.clone()
+    labels_u8 -= 1
+    return F.cross_entropy(logits, labels_u8.long(), ignore_index=-1)
+
+
+def masked_division_loss(logits, labels_u8):
+    """The bug: a per-class normalisation divides by class pixel counts, some of which are 0;
+    the masked selection keeps the loss finite while the gradient goes NaN."""
+    target = labels_u8.long() - 1
+    base = F.cross_entropy(logits, target, ignore_index=-1, reduction="none")
+    probs = logits.softmax(dim=1)
+    counts = F.one_hot(target.clamp(min=0), NUM_CLASSES).sum(dim=(0, 1, 2)).float()
+    counts[-1] = 0.0  # the rare class is absent from this batch
+    share = probs.sum(dim=(0, 2, 3)) / counts          # 0 / 0 and x / 0 for the absent class
+    present = counts > 0
+    return base.mean() + 0.01 * share[present].sum()   # finite loss, NaN gradient
+
+
+@dataclass
+class RunResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    error: Optional[BaseException] = None
+
+
+def train(loss_fn: Callable, steps: int, seed: int = 0, monitor_kwargs: Optional[dict] = None,
+          progress: bool = True, label: str = "") -> RunResult:
+    """Train :class:`TinyUNet` for ``steps`` steps under ``healthmon.watch``; returns the
+    result, with the :class:`~healthmon.HealthError` if one was raised."""
+    import healthmon
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = TinyUNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    start, loss_value, step = time.perf_counter(), float("nan"), 0
+    with healthmon.watch(model, **(monitor_kwargs or {})) as mon:
+        try:
+            for step in range(1, steps + 1):
+                images, labels = synthetic_batch(gen)
+                loss = loss_fn(model(images), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if progress and (step % 10 == 0 or step == steps):
+                    loss_value = loss.item()
+                    _progress(label, step, steps, loss_value)
+            mon.check()
+        except healthmon.HealthError as err:
+            if progress:
+                sys.stderr.write("\n")
+            return RunResult(step, loss_value, time.perf_counter() - start, err)
+    if progress:
+        sys.stderr.write("\n")
+    return RunResult(steps, loss_value, time.perf_counter() - start)
+
+
+def _progress(label: str, step: int, steps: int, loss: float) -> None:
+    width = 30
+    done = int(width * step / steps)
+    sys.stderr.write(f"\r  {label:<22} [{'#' * done}{'.' * (width - done)}] "
+                     f"{step:>4}/{steps}  loss {loss:.4f}")
+    sys.stderr.flush()
+
+
+def main(steps: int = 300, out_dir: str = "healthmon-demo", progress: bool = True) -> int:
+    """Run the demo; returns a process exit code (0 when every scenario behaved as shown)."""
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "run.jsonl")
+    print(f"healthmon demo: TinyUNet segmentation, {steps} steps on synthetic images\n")
+
+    print("1) healthy training, monitored (async mode)")
+    ok = train(healthy_loss, steps, monitor_kwargs={"log": log_path}, progress=progress,
+               label="healthy")
+    print(f"   {ok.steps} steps in {ok.seconds:.1f} s, final loss {ok.final_loss:.4f}, "
+          f"anomalies: {'none' if ok.error is None else ok.error}\n")
+
+    print("2) the uint8 label wrap-around (label -= 1 on a uint8 map)")
+    wrap = train(wraparound_loss, steps, progress=progress, label="label wrap-around")
+    print(_indent(wrap.error) + "\n")
+
+    print("3) a masked division: finite loss, NaN gradient")
+    nan = train(masked_division_loss, steps, progress=progress, label="masked division")
+    print(_indent(nan.error) + "\n")
+
+    print(f"records of the healthy run: {log_path}")
+    report = _render_report(log_path, out_dir)
+    if report:
+        print(f"plots and report: {report}")
+    caught = wrap.error is not None and nan.error is not None
+    return 0 if ok.error is None and caught else 1
+
+
+def _indent(err: Optional[BaseException]) -> str:
+    if err is None:
+        return "   (not caught: this is a bug in healthmon)"
+    return "\n".join("   " + line for line in str(err).splitlines())
+
+
+def _render_report(log_path: str, out_dir: str) -> Optional[str]:
+    try:
+        from .report import render_report
+    except ImportError:
+        return None
+    return render_report([log_path], out_dir)
