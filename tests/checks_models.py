@@ -53,15 +53,19 @@ class SmallCNN(nn.Module):
 
 
 class CirclesMLP(nn.Module):
-    """(B, 2) float32 points -> (B, 2) logits. bug="no_activation" drops the ReLUs."""
+    """(B, 2) float32 points -> (B, 2) logits. bug="no_activation" drops the ReLUs;
+    bug="ignores_input" zeroes the input in forward (a learned constant model)."""
 
     def __init__(self, bug: Optional[str] = None, hidden: int = 64):
         super().__init__()
+        self.bug = bug
         act = nn.Identity if bug == "no_activation" else nn.ReLU
         self.net = nn.Sequential(nn.Linear(2, hidden), act(), nn.Linear(hidden, hidden), act(),
                                  nn.Linear(hidden, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bug == "ignores_input":
+            x = x * 0
         return self.net(x)
 
 

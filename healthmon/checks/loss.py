@@ -7,6 +7,8 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
+from .. import ops
+from .._layout import LABEL
 from ._common import (Batch, CheckResult, OptimizerSpec, assert_form, compute_loss,
                       first_tensor, fmt, looks_like_probabilities, make_optimizer,
                       preserved_state, split_batch, tensor_stats, timed)
@@ -60,6 +62,9 @@ def initial_loss(model: nn.Module, batch: Batch, loss_fn: Callable, num_classes:
         logits = first_tensor(outputs)
         logit_stats = tensor_stats(logits)
         probabilities = expect_logits and looks_like_probabilities(logits)
+        labels = (ops.label_record(targets, num_classes).tolist()
+                  if isinstance(targets, torch.Tensor) and ops.unsupported_reason(
+                      targets, ops.LABEL_DTYPES) is None else None)
     measured = float(loss)
     expected = math.log(num_classes)
     rel = abs(measured - expected) / expected if math.isfinite(measured) else math.inf
@@ -80,6 +85,11 @@ def initial_loss(model: nn.Module, batch: Batch, loss_fn: Callable, num_classes:
                         "the inputs and that loss_fn is a mean cross-entropy over num_classes")
     if probabilities:
         problems.append(_PROBABILITY_HINT)
+    if labels is not None and labels[LABEL["bad"]]:
+        problems.append(f"{labels[LABEL['bad']]} target label(s) outside [0, {num_classes}) "
+                        f"(labels range over [{labels[LABEL['min']]}, {labels[LABEL['max']]}], "
+                        f"first bad at flat index {labels[LABEL['first_bad']]})")
+        details["bad_labels"] = labels[LABEL["bad"]]
     ok = not problems
     report = ("ok: " if ok else "FAIL: ") + head
     if problems:
@@ -182,5 +192,47 @@ def overfit_batch(model: nn.Module, batch: Batch, loss_fn: Callable, steps: int 
     return CheckResult("overfit_batch", ok, report, details)
 
 
+@timed
+def input_dependence(model: nn.Module, batch: Batch, loss_fn: Callable, steps: int = 100,
+                     optimizer: OptimizerSpec = None, lr: float = 1e-2,
+                     max_ratio: float = 0.5) -> CheckResult:
+    """Check that the model uses its input: trained on the real batch it must reach a much
+    lower loss than trained on the same batch with every input set to zero.
+
+    With constant inputs the model can only learn the label distribution; with the real
+    inputs it should memorise the batch. Equal losses mean the input does not reach the
+    output (overwritten, detached into a constant, wrong tensor passed along).
+
+    Args:
+        model, batch, loss_fn, steps, optimizer, lr: as for :func:`overfit_batch` (run twice).
+        max_ratio: pass when ``final_real <= max_ratio * final_constant``.
+    Returns:
+        :class:`CheckResult`; ``details``: ``real_final``, ``constant_final``.
+    """
+    inputs, targets = split_batch(batch)
+    real = overfit_batch(model, (inputs, targets), loss_fn, steps=steps, optimizer=optimizer,
+                         lr=lr, allow_negative_loss=True, expect_logits=False)
+    constant = overfit_batch(model, (torch.zeros_like(inputs), targets), loss_fn, steps=steps,
+                             optimizer=optimizer, lr=lr, allow_negative_loss=True,
+                             expect_logits=False)
+    r, c = real.details["final"], constant.details["final"]
+    details = dict(real_final=r, constant_final=c, real_losses=real.details["losses"],
+                   constant_losses=constant.details["losses"])
+    head = (f"after {steps} steps: loss {fmt(r)} on the real inputs vs {fmt(c)} on all-zero "
+            f"inputs")
+    if not (math.isfinite(r) and math.isfinite(c)):
+        return CheckResult("input_dependence", False,
+                           "FAIL: " + head + "\n  - a loss is not finite", details)
+    if r <= max_ratio * c or (c > 0 and r <= 1e-3 * c) or (c <= 0 and r < c):
+        return CheckResult("input_dependence", True, "ok: " + head, details)
+    return CheckResult(
+        "input_dependence", False,
+        "FAIL: " + head + f"\n  - the model does no better with its real inputs than with "
+        f"constant ones (need <= {max_ratio:.0%}): the input does not reach the output "
+        "(overwritten, multiplied by 0, detached into a constant, the wrong tensor used)",
+        details)
+
+
 assert_initial_loss = assert_form(initial_loss)
+assert_input_dependence = assert_form(input_dependence)
 assert_overfit_batch = assert_form(overfit_batch)

@@ -12,7 +12,7 @@ from ._common import Batch, CheckResult, OptimizerSpec, split_batch
 from .activations import dead_units, nonlinearity
 from .data import input_ranges
 from .gradients import batch_independence, parameters_update
-from .loss import initial_loss, overfit_batch
+from .loss import initial_loss, input_dependence, overfit_batch
 
 
 @dataclass
@@ -112,6 +112,9 @@ def run_all(model: nn.Module, batch: Batch, loss_fn: Callable,
                                                         expect_frozen=expect_frozen)),
         ("overfit_batch", lambda: overfit_batch(model, batch, loss_fn, steps=overfit_steps,
                                                 optimizer=factory)),
+        ("input_dependence", lambda: input_dependence(model, batch, loss_fn,
+                                                      steps=max(overfit_steps * 2 // 3, 1),
+                                                      optimizer=factory)),
     ]
     suite = SuiteResult()
     for name, run in plan:
