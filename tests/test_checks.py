@@ -339,3 +339,17 @@ def test_bad_input_gets_clear_errors():
         checks.batch_independence(model, image_batch()[0][:1])
     with pytest.raises(TypeError, match="scalar"):
         checks.overfit_batch(model, image_batch(), lambda o, t: o)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_checks_run_on_cuda_and_restore_cuda_rng():
+    model = make(SmallCNN).cuda()
+    x, y = image_batch()
+    batch = (x.cuda(), y.cuda())
+    torch.cuda.init()
+    cuda_rng = torch.cuda.get_rng_state_all()
+    suite = checks.run_all(model, batch, F.cross_entropy, num_classes=NUM_CLASSES,
+                           print_table=False)
+    assert suite.ok, suite.report()
+    assert all(torch.equal(a, b) for a, b in zip(cuda_rng, torch.cuda.get_rng_state_all()))
+    assert not checks.batch_independence(make(SmallCNN, "view").cuda(), batch[0]).ok
