@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -18,10 +19,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("-o", "--out", default="healthmon-demo", help="output directory")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    report = sub.add_parser("report", help="render PNG plots and an HTML page from JSONL logs")
+    report.add_argument("logs", nargs="+", metavar="RUN.jsonl",
+                        help="healthmon JSONL logs (rank files; rotated files are included)")
+    report.add_argument("-o", "--out", default=None,
+                        help="output directory (default: <first log>-report)")
+    report.add_argument("--step", type=int, default=None,
+                        help="step of the bar charts (default: the anomaly's, else the last)")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
         return demo_main(steps=args.steps, out_dir=args.out, progress=not args.no_progress)
+    if args.command == "report":
+        from .report import render_report
+        out = args.out or os.path.splitext(args.logs[0])[0] + "-report"
+        try:
+            print(render_report(args.logs, out, step=args.step))
+        except (OSError, ValueError) as err:
+            print(f"healthmon report: {err}", file=sys.stderr)
+            return 1
+        return 0
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -73,6 +73,21 @@ def _enc(value: Any) -> Any:
     return str(value)
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _dumps(obj: dict) -> str:
+    """Compact strict JSON of a flat record; the slow recursive :func:`_enc` only when a
+    value is non-finite or not a JSON type."""
+    for v in obj.values():
+        if v.__class__ is float and not math.isfinite(v):
+            return _ENCODE(_enc(obj))
+    try:
+        return _ENCODE(obj)
+    except (TypeError, ValueError):
+        return _ENCODE(_enc(obj))
+
+
 def _dec_stats(d: Optional[dict], keys: Optional[Iterable[str]] = None) -> Optional[dict]:
     """Turn the encoded non-finite strings of a stats dict back into floats (in place);
     only ``keys`` when given (a record's site or role is never touched)."""
@@ -136,13 +151,15 @@ class JsonlSink(Sink):
             distributed).
         flush_interval: seconds between flushes of step records (anomalies and
             :meth:`close` always flush and fsync; lines are never fsynced one by one).
+        every: write the records of every ``every``-th step only (anomalies always).
 
     Every file (also after a rotation) starts with a ``type: "meta"`` header line.
     """
 
     def __init__(self, path: Union[str, os.PathLike], max_bytes: Optional[int] = 64 << 20,
                  backups: int = 3, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, flush_interval: float = 2.0):
+                 world_size: Optional[int] = None, flush_interval: float = 2.0,
+                 every: int = 1):
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         if backups < 0:
@@ -152,6 +169,7 @@ class JsonlSink(Sink):
         self.backups = int(backups)
         self.rank, self.world_size = rank, world_size
         self.flush_interval = float(flush_interval)
+        self.every = max(1, int(every))
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         self._file = None
@@ -181,7 +199,7 @@ class JsonlSink(Sink):
         self._open()
 
     def _write_line(self, obj: dict, rotate: bool = True) -> None:
-        data = (json.dumps(_enc(obj), separators=(",", ":"), allow_nan=False) + "\n").encode()
+        data = (_dumps(obj) + "\n").encode()
         if rotate and self.max_bytes and self._size + len(data) > self.max_bytes:
             self._rotate()
         self._file.write(data)
@@ -191,6 +209,8 @@ class JsonlSink(Sink):
         """Append one ``type: "record"`` line per row."""
         if self._file is None:
             raise ValueError(f"JsonlSink({self.path!r}) is closed")
+        if step % self.every:
+            return
         for row in rows:
             line = {"type": "record", "step": int(step)}
             if self.rank is not None:
@@ -300,8 +320,8 @@ class TensorBoardSink(Sink):
 
     Tags: ``healthmon/grad_norm/<site>`` (phases ``grad`` and ``backward``),
     ``healthmon/act_absmax/<site>`` (``forward`` and ``input``), ``healthmon/nonfinite/total``
-    every logged step and ``healthmon/nonfinite/<site>`` when non-zero; anomalies as text
-    under ``healthmon/anomaly``.
+    every logged step and ``healthmon/nonfinite/<phase>/<site>`` when non-zero; anomalies as
+    text under ``healthmon/anomaly``. Parameter gradients are named ``<site>.<param>``.
 
     Args:
         log_dir: a directory, or an existing ``SummaryWriter`` (not closed by this sink).
@@ -335,7 +355,7 @@ class TensorBoardSink(Sink):
                 add(f"healthmon/act_absmax/{name}", row["absmax"], step)
             bad = int(row.get("nan", 0)) + int(row.get("posinf", 0)) + int(row.get("neginf", 0))
             if bad:
-                add(f"healthmon/nonfinite/{name}", bad, step)
+                add(f"healthmon/nonfinite/{row.get('phase')}/{name}", bad, step)
             total += bad
         add("healthmon/nonfinite/total", total, step)
 
