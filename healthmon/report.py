@@ -138,7 +138,8 @@ def _heatmap(path: str, records: List[dict], phases: Sequence[str], metric: str,
         if _pos(v):
             data[i, j] = v if math.isnan(data[i, j]) else max(data[i, j], v)
     n = len(index)
-    fig = _figure(11, min(max(3.0, 0.26 * n + 1.8), 60))
+    height = min(max(3.0, 0.26 * n + 1.8), 60)
+    fig = _figure(11, height)
     ax = fig.add_subplot(1, 1, 1)
     extent = (edges[0] - 0.5, edges[-1] - 0.5, n - 0.5, -0.5)
     finite = data[np.isfinite(data)]
@@ -149,7 +150,8 @@ def _heatmap(path: str, records: List[dict], phases: Sequence[str], metric: str,
             vmin, vmax = vmin / 2, vmax * 2
         im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest",
                        cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax), extent=extent)
-        fig.colorbar(im, ax=ax, label=f"{metric} (log scale)", pad=0.01)
+        fig.colorbar(im, ax=ax, label=f"{metric} (log scale)", pad=0.01,
+                     shrink=min(1.0, 6.0 / height))
     if bad.any():
         red = ListedColormap([_BAD])
         ax.imshow(np.ma.masked_where(~bad, np.ones_like(data)), aspect="auto",
