@@ -153,7 +153,8 @@ class JsonlSink(Sink):
             :meth:`close` always flush and fsync; lines are never fsynced one by one).
         every: write the records of every ``every``-th step only (anomalies always).
 
-    Every file (also after a rotation) starts with a ``type: "meta"`` header line.
+    Every file (also after a rotation) starts with a ``type: "meta"`` header line. An
+    existing log at ``path`` is replaced, its rotated files removed.
     """
 
     def __init__(self, path: Union[str, os.PathLike], max_bytes: Optional[int] = 64 << 20,
@@ -175,6 +176,8 @@ class JsonlSink(Sink):
         self._file = None
         self._size = 0
         self._last_flush = time.monotonic()
+        for stale in _rotated_in_order(self.path)[:-1]:  # a previous run's rotations
+            os.remove(stale)
         self._open()
 
     def _meta(self) -> dict:

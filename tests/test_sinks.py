@@ -76,6 +76,10 @@ def test_size_cap_and_rotation(tmp_path):
     assert sorted(set(got)) == list(range(got[0], 201))  # newest kept, no gaps
     assert got[0] > 100  # the oldest were dropped: the cap holds
     assert len(anomalies) == 1
+    with JsonlSink(path, max_bytes=max_bytes, backups=backups) as sink:  # a new run
+        sink.write_step(1, rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.jsonl"]
+    assert {r["step"] for r in read_jsonl(path)[0]} == {1}
 
 
 def test_rank_files_and_merge(tmp_path):
