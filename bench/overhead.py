@@ -167,6 +167,7 @@ class Runner:
             self.opt = torch.optim.SGD(self.model.parameters(), lr=spec.lr, momentum=0.9)
         self.mon = None
         self.hooks = None
+        self.phase: Optional[str] = None  # where the current step is (for the detection matrix)
         if variant in ("async", "sync", "off"):
             self.mon = _watch(self.model, variant)
         elif variant == "naive":
@@ -178,9 +179,11 @@ class Runner:
         return torch.autocast(self.device.type, dtype=self.spec.amp_dtype)
 
     def _fwd_bwd(self):
+        self.phase = "forward"
         with self._amp():
             out = self.model(*self.spec.inputs)
             loss = self.spec.loss_fn(out, self.spec.target)
+        self.phase = "backward"
         loss.backward()
         return loss
 
@@ -192,10 +195,13 @@ class Runner:
                     loss = self._fwd_bwd()
         else:
             loss = self._fwd_bwd()
+        self.phase = "optimizer"
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self.phase = "step boundary"
         if self.mon is not None:
             _call(self.mon, "step")
+        self.phase = None
         return loss
 
     def finish(self) -> Optional[str]:
@@ -351,7 +357,8 @@ def detection_matrix(device: torch.device, variants: Sequence[str]) -> dict:
                 if err:
                     verdict = "detected at check: " + err[:120]
             except Exception as exc:
-                verdict = f"detected: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                verdict = (f"detected in {r.phase}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:120]}")
                 try:
                     r.finish()
                 except Exception:
@@ -522,9 +529,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _short(verdict: str) -> str:
     if verdict.startswith("detected at check"):
-        return "yes (at step boundary)"
-    if verdict.startswith("detected"):
-        return "yes (raised in step)"
+        return "yes (at mon.check())"
+    if verdict.startswith("detected in "):
+        return f"yes (raised in {verdict[len('detected in '):].split(':')[0]})"
     return verdict
 
 
