@@ -8,3 +8,8 @@ from .stats import TensorStats, stats
 
 __all__ = ["TensorStats", "stats", "extension_available"]
 __version__ = "0.1.0"
+
+from .errors import Anomaly, HealthError  # noqa: E402
+from .monitor import Monitor, watch  # noqa: E402
+
+__all__ += ["watch", "Monitor", "HealthError", "Anomaly"]

@@ -1,0 +1,60 @@
+"""Finding the tensors in module inputs / outputs, with a role name for each.
+
+:func:`walk` yields ``(role, tensor)`` for every tensor inside tensors, tuples, lists,
+dicts (``ModelOutput`` is an ``OrderedDict``), dataclasses and namedtuples, to a bounded
+depth and count; everything else (None, ints, custom objects) is skipped. Role names:
+``output`` for a lone tensor, ``output[1]``, ``output.logits``, ``output[0].hidden``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Tuple
+
+import torch
+
+MAX_DEPTH = 4
+MAX_TENSORS = 256
+
+
+def walk(obj, prefix: str, max_tensors: int = MAX_TENSORS) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``(role, tensor)`` for each tensor in ``obj`` (depth-first, container order)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+        return
+    budget = [max_tensors]
+    yield from _walk(obj, prefix, 0, budget)
+
+
+def _walk(obj, role: str, depth: int, budget) -> Iterator[Tuple[str, torch.Tensor]]:
+    if budget[0] <= 0:
+        return
+    if isinstance(obj, torch.Tensor):
+        budget[0] -= 1
+        yield role, obj
+        return
+    if depth >= MAX_DEPTH or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return
+    if isinstance(obj, (tuple, list)):
+        fields = getattr(obj, "_fields", None)  # namedtuple
+        for i, item in enumerate(obj):
+            name = f"{role}.{fields[i]}" if fields and i < len(fields) else f"{role}[{i}]"
+            yield from _walk(item, name, depth + 1, budget)
+    elif isinstance(obj, dict):
+        for key, item in obj.items():
+            yield from _walk(item, f"{role}.{key}", depth + 1, budget)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _walk(getattr(obj, f.name, None), f"{role}.{f.name}", depth + 1, budget)
+
+
+def unsupported(t: torch.Tensor):
+    """Why the monitor skips ``t`` (None when it can record it); never synchronises."""
+    if t.device.type == "meta":
+        return "meta tensors have no data"
+    from . import ops
+    reason = ops.unsupported_reason(t)
+    if reason is None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        # tensor subclasses (FakeTensor, DTensor, ...) may not dispatch to the kernels
+        if "Fake" in type(t).__name__:
+            return "fake tensors have no data"
+    return reason
