@@ -316,12 +316,16 @@ class Monitor:
         return forward_hook
 
     def _on_forward(self, index: int, output) -> None:
-        call = self._calls[index]
-        self._calls[index] = call + 1
-        sid = self._stacks.capture(2)
-        self._mod_stack[index] = sid
+        recompute = _in_backward()  # activation checkpointing re-runs forward in backward
+        if recompute and self._calls[index]:
+            # attribute to the original (last) call: its site and its forward stack
+            call, sid = self._calls[index] - 1, self._mod_stack[index]
+        else:
+            call = self._calls[index]
+            self._calls[index] = call + 1
+            sid = self._stacks.capture(2)
+            self._mod_stack[index] = sid
         name = self._names[index]
-        recompute = _in_backward()
         grad_on = torch.is_grad_enabled()
         seen = self._seen
         for role, t in walk(output, "output"):
