@@ -284,6 +284,10 @@ class Monitor:
         if reason is not None:
             self._skip(reason)
             return
+        self._record_ok(t, module, name, phase, role, call, sid)
+
+    def _record_ok(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
+                   call: int, sid: int) -> None:
         site = self._site(module, name, phase, role, call, t.device)
         ops.stats_into(t, self._bufs[t.device].records, site.slot)
         self._cur.order.append((site, sid))
@@ -335,9 +339,14 @@ class Monitor:
             fwd_done = entry is not None and entry[1]
             bwd_done = entry is not None and entry[2]
             want_bwd = grad_on and t.requires_grad and not bwd_done
+            if not fwd_done and not recompute or want_bwd:
+                reason = unsupported(t)
+                if reason is not None:
+                    self._skip(reason)
+                    continue
             if not fwd_done and not recompute:
-                self._record(t, index, name, "forward", role, call, sid)
-            if want_bwd and unsupported(t) is None:
+                self._record_ok(t, index, name, "forward", role, call, sid)
+            if want_bwd:
                 t.register_hook(self._make_grad_hook(index, "grad_" + role, call, sid))
             if entry is None:
                 seen[id(t)] = (weakref.ref(t), True, want_bwd)
