@@ -13,3 +13,6 @@ from .errors import Anomaly, HealthError  # noqa: E402
 from .monitor import Monitor, watch  # noqa: E402
 
 __all__ += ["watch", "Monitor", "HealthError", "Anomaly"]
+from .labels import LabelStats, check_dataset_labels, check_labels  # noqa: E402
+
+__all__ += ["check_labels", "check_dataset_labels", "LabelStats"]

@@ -18,7 +18,8 @@ class Anomaly:
         phase: one of :data:`PHASES`.
         role: which output / argument / parameter (``output[0]``, ``grad_output``,
             ``weight``, ``target``).
-        step: training step at which it was produced.
+        step: training step at which it was produced (-1: outside a monitored step, e.g.
+            :func:`~healthmon.check_labels`).
         kind: ``"nan"``, ``"inf"`` or ``"label"``.
         stats: the :class:`~healthmon.TensorStats` (or ``LabelStats``) of the bad tensor.
         stack: frames of the code that produced it, outermost first (as
@@ -45,7 +46,8 @@ class Anomaly:
         """``site (phase role), step N`` in one short string."""
         call = f" call {self.call}" if self.call else ""
         rank = f", rank {self.rank}" if self.rank is not None else ""
-        return f"{self.site}{call} ({self.phase} {self.role}), step {self.step}{rank}"
+        step = f", step {self.step}" if self.step >= 0 else ""  # -1: outside any step
+        return f"{self.site}{call} ({self.phase} {self.role}){step}{rank}"
 
     def headline(self) -> str:
         """One line: what went bad and where."""
@@ -65,6 +67,9 @@ class Anomaly:
     def report(self) -> str:
         """The complete human report (what, where, last healthy stats, stack)."""
         lines = [f"healthmon: {self.headline()}"]
+        hint = self.stats.hint() if hasattr(self.stats, "hint") else None
+        if hint:
+            lines.append(f"  hint: {hint}")
         if self.last_healthy is not None:
             lines.append(f"  last healthy record of this site: {self.last_healthy.describe()}")
         if self.consequences:

@@ -46,8 +46,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import ops
-from ._layout import NUM_STATS
+from . import labels, ops
+from ._layout import LABEL, NUM_LABEL, NUM_STATS
 from .config import Config, resolve
 from .errors import Anomaly, HealthError
 from .hooks import unsupported, walk
@@ -112,7 +112,8 @@ class _DeviceBuffer:
 
 
 class _Step:
-    __slots__ = ("index", "active", "order", "forward", "backward", "anomaly", "prev_bwd")
+    __slots__ = ("index", "active", "order", "forward", "backward", "anomaly", "prev_bwd",
+                 "label_calls", "label_meta")
 
     def __init__(self, index: int, active: bool):
         self.index, self.active = index, active
@@ -121,6 +122,8 @@ class _Step:
         self.backward = False  # a gradient arrived in this step
         self.anomaly: Optional[Anomaly] = None  # sync mode: first anomaly of the step
         self.prev_bwd = None   # sync mode: last healthy backward record (site, stack id)
+        self.label_calls: Dict[str, int] = {}  # loss name -> calls so far
+        self.label_meta: Dict[_Site, list] = {}  # [shape, dtype, classes, ignore, reported]
 
 
 class Monitor:
@@ -209,8 +212,10 @@ class Monitor:
             raise
         for mod in self._modules:
             _WATCHED[mod] = self
+        labels.install_loss_guard(self)
 
     def _detach(self) -> None:
+        labels.uninstall_loss_guard(self)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -262,7 +267,7 @@ class Monitor:
 
     def _site(self, module: int, name: str, phase: str, role: str, call: int,
               device: torch.device) -> _Site:
-        key = (module, phase, role, call, device)
+        key = (module, name, phase, role, call, device)
         site = self._sites.get(key)
         if site is None:
             buf = self._bufs.get(device)
@@ -408,6 +413,49 @@ class Monitor:
         for device, (xs, slots) in groups.items():
             ops.multi_stats_into(xs, self._bufs[device].records, slots)
 
+    def _check_loss_target(self, loss: str, input: torch.Tensor, target: torch.Tensor,
+                           num_classes: int, ignore_index: int) -> Optional[torch.Tensor]:
+        """Label check of one class-index loss call (called by the loss guard).
+
+        Sync mode and CPU targets: checked now; a bad label is reported at the call (raises
+        with ``on_anomaly="raise"``; otherwise the loss gets a sanitised target). Async on an
+        accelerator: the fused kernel writes the record and an int64 copy of the target
+        with bad labels replaced by ``ignore_index`` (no device assert can fire, no host
+        sync); the record is decoded at the step boundary.
+
+        Returns:
+            the target the loss should use instead, or None to keep the user's.
+        """
+        cur = self._cur
+        if self._removed or not cur.active or target.device != input.device:
+            return None  # a device mismatch is torch's error to raise, unchanged
+        call = cur.label_calls.get(loss, 0)
+        cur.label_calls[loss] = call + 1
+        sid = self._stacks.capture(2)
+        site = self._site(-1, loss, "label", "target", call, target.device)
+        meta = [tuple(target.shape), target.dtype, num_classes, ignore_index, False]
+        cur.label_meta[site] = meta
+        cur.order.append((site, sid))
+        records = self._bufs[target.device].records
+        if self.config.sync or target.device.type in labels.SYNC_CHECK_DEVICES:
+            record = ops.label_record(target, num_classes, ignore_index)
+            records[site.slot, :NUM_LABEL].copy_(record)
+            row = record.tolist()
+            if not row[LABEL["bad"]]:
+                return None
+            meta[4] = True  # reported here, not again when the step is decoded
+            stats = labels.LabelStats.from_record(
+                row, *meta[:4], bad_values=labels.bad_values(target, num_classes, ignore_index,
+                                                   start=row[LABEL["first_bad"]]))
+            anomaly = labels.label_anomaly(stats, loss, self._stacks.frames(sid), cur.index)
+            if self.config.sync and cur.anomaly is None:
+                cur.anomaly = anomaly
+            self._report(anomaly, True)
+            return ops.label_sanitize(target, num_classes, ignore_index)[1]
+        record, clean = ops.label_sanitize(target, num_classes, ignore_index)
+        records[site.slot, :NUM_LABEL].copy_(record)
+        return clean
+
     def _optimizer_hook(self, optimizer, args, kwargs) -> None:
         if self._removed:
             return
@@ -479,6 +527,17 @@ class Monitor:
         prev_bwd = None
         for site, sid in step.order:
             row = hosts[site.device][site.slot]
+            if site.phase == "label":
+                meta = step.label_meta[site]
+                if row[LABEL["bad"]] and not meta[4] and not self.config.sync:
+                    stats = labels.LabelStats.from_record(row[:NUM_LABEL], *meta[:4])
+                    anomaly = labels.label_anomaly(stats, site.name, self._stacks.frames(sid),
+                                                   step.index)
+                    if first is None:
+                        first = anomaly
+                    else:
+                        first.consequences.append(anomaly)
+                continue
             rows.append((site, row))
             bad = self._bad(site, row)
             if not bad:
