@@ -42,23 +42,34 @@ class TinyUNet(nn.Module):
         return self.head(self.dec(torch.cat([self.up(deep), skip], dim=1)))
 
 
+VOID_BATCH_RATE = 0.05   # share of batches with an unlabelled (void) border row
+RARE_ABSENT_RATE = 0.05  # share of batches in which the rare class does not appear
+
+
 def synthetic_batch(gen: torch.Generator, batch: int = 8, size: int = IMAGE_SIZE):
     """Images of coloured rectangles on a dark background and their 1-based label maps.
 
     Returns:
         images: float32 ``(B, 3, size, size)``, normalised.
-        labels: uint8 ``(B, size, size)``; 0 = void (unlabelled border), 1.. = background and
-        shapes, as many datasets store them (hence the ``label -= 1`` of the demo's bug).
+        labels: uint8 ``(B, size, size)``; 0 = void, 1.. = background and shapes, as many
+        datasets store them (hence the ``label -= 1`` of the demo's bug). A few batches
+        have a void border row (as annotation tools leave them) and a few lack the rare
+        class: the two conditions the demo's bugs need, so they strike at a later step.
     """
     palette = torch.tensor([[0.1, 0.1, 0.1], [0.9, 0.2, 0.2], [0.2, 0.9, 0.2], [0.2, 0.2, 0.9]])
     labels = torch.ones(batch, size, size, dtype=torch.uint8)  # class 0 (background), 1-based
+    void, rare_absent = (bool(v) for v in torch.rand(2, generator=gen) <
+                         torch.tensor([VOID_BATCH_RATE, RARE_ABSENT_RATE]))
+    top = NUM_CLASSES - 1 if rare_absent else NUM_CLASSES
     for b in range(batch):
-        for _ in range(3):
-            cls = int(torch.randint(1, NUM_CLASSES, (1,), generator=gen))
+        for i in range(3):
+            cls = NUM_CLASSES - 1 if (i == 0 and b == 0 and not rare_absent) else \
+                int(torch.randint(1, top, (1,), generator=gen))
             y0, x0 = (int(v) for v in torch.randint(0, size - 8, (2,), generator=gen))
             h, w = (int(v) for v in torch.randint(4, 12, (2,), generator=gen))
             labels[b, y0:y0 + h, x0:x0 + w] = cls + 1
-    labels[:, 0, :] = 0  # a void border row, as annotation tools leave them
+    if void:
+        labels[:, 0, :] = 0
     images = palette[(labels.long() - 1).clamp(min=0)].permute(0, 3, 1, 2)
     images = images + 0.1 * torch.randn(images.shape, generator=gen)
     return (images - 0.5) / 0.3, labels
@@ -84,18 +95,19 @@ def masked_division_loss(logits, labels_u8):
     base = F.cross_entropy(logits, target, ignore_index=-1, reduction="none")
     probs = logits.softmax(dim=1)
     counts = F.one_hot(target.clamp(min=0), NUM_CLASSES).sum(dim=(0, 1, 2)).float()
-    counts[-1] = 0.0  # the rare class is absent from this batch
-    share = probs.sum(dim=(0, 2, 3)) / counts          # 0 / 0 and x / 0 for the absent class
+    share = probs.sum(dim=(0, 2, 3)) / counts  # x / 0 when a class is absent from the batch
     present = counts > 0
     return base.mean() + 0.01 * share[present].sum()   # finite loss, NaN gradient
 
 
 @dataclass
 class RunResult:
+    """What one demo training run did."""
     steps: int
     final_loss: float
     seconds: float
     error: Optional[BaseException] = None
+    summary: str = ""
 
 
 def train(loss_fn: Callable, steps: int, seed: int = 0, monitor_kwargs: Optional[dict] = None,
@@ -117,17 +129,19 @@ def train(loss_fn: Callable, steps: int, seed: int = 0, monitor_kwargs: Optional
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if progress and (step % 10 == 0 or step == steps):
+                if step % 10 == 0 or step == steps:
                     loss_value = loss.item()
-                    _progress(label, step, steps, loss_value)
+                    if progress:
+                        _progress(label, step, steps, loss_value)
             mon.check()
         except healthmon.HealthError as err:
             if progress:
                 sys.stderr.write("\n")
             return RunResult(step, loss_value, time.perf_counter() - start, err)
+        summary = mon.summary(width=100, limit=8)
     if progress:
         sys.stderr.write("\n")
-    return RunResult(steps, loss_value, time.perf_counter() - start)
+    return RunResult(steps, loss_value, time.perf_counter() - start, summary=summary)
 
 
 def _progress(label: str, step: int, steps: int, loss: float) -> None:
@@ -148,13 +162,18 @@ def main(steps: int = 300, out_dir: str = "healthmon-demo", progress: bool = Tru
     ok = train(healthy_loss, steps, monitor_kwargs={"log": log_path}, progress=progress,
                label="healthy")
     print(f"   {ok.steps} steps in {ok.seconds:.1f} s, final loss {ok.final_loss:.4f}, "
-          f"anomalies: {'none' if ok.error is None else ok.error}\n")
+          f"anomalies: {'none' if ok.error is None else ok.error}")
+    if ok.summary:
+        print("   mon.summary() of the last step (worst sites first):")
+        print("\n".join("     " + line for line in ok.summary.splitlines()) + "\n")
 
-    print("2) the uint8 label wrap-around (label -= 1 on a uint8 map)")
+    print("2) the uint8 label wrap-around: `label -= 1` on a uint8 map, void 0 becomes 255\n"
+          "   (on a GPU, cross_entropy would die with a device-side assert)")
     wrap = train(wraparound_loss, steps, progress=progress, label="label wrap-around")
     print(_indent(wrap.error) + "\n")
 
-    print("3) a masked division: finite loss, NaN gradient")
+    print("3) a masked division: per-class shares divided by class counts, absent classes\n"
+          "   masked out; the loss stays finite, the gradient is NaN")
     nan = train(masked_division_loss, steps, progress=progress, label="masked division")
     print(_indent(nan.error) + "\n")
 

@@ -1,6 +1,8 @@
 """`Anomaly` (one bad tensor, where and when it was seen) and `HealthError`."""
 from __future__ import annotations
 
+import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
@@ -57,12 +59,9 @@ class Anomaly:
         return {"nan": "NaN", "inf": "Inf", "label": "out-of-range labels"}.get(self.kind, self.kind)
 
     def user_frames(self) -> List[traceback.FrameSummary]:
-        """Frames of the stack outside torch and healthmon, innermost first."""
-        def is_library(fr: traceback.FrameSummary) -> bool:
-            name = fr.filename.replace("\\", "/")
-            return ("/torch/" in name or "/healthmon/" in name and "/tests/" not in name
-                    or name.startswith("<frozen"))
-        return [fr for fr in reversed(self.stack) if not is_library(fr)]
+        """Frames of the stack outside torch, healthmon and the interpreter's own, innermost
+        first (the demo and healthmon's tests count as user code)."""
+        return [fr for fr in reversed(self.stack) if not _is_library(fr.filename)]
 
     def report(self) -> str:
         """The complete human report (what, where, last healthy stats, stack)."""
@@ -73,9 +72,14 @@ class Anomaly:
         if self.last_healthy is not None:
             lines.append(f"  last healthy record of this site: {self.last_healthy.describe()}")
         if self.consequences:
-            shown = ", ".join(a.where for a in self.consequences[:5])
+            shown = ", ".join(f"{a.site} ({a.phase} {a.role})" for a in self.consequences[:5])
             more = f" and {len(self.consequences) - 5} more" if len(self.consequences) > 5 else ""
             lines.append(f"  later in the same step (consequences): {shown}{more}")
+        if self.phase == "backward" and self.role.startswith("grad_output"):
+            lines.append(f"  note: this gradient was already bad when it reached the output of "
+                         f"{self.site}: the backward of the code that used that output outside "
+                         f"the watched modules (usually the loss) produced it. The stack is "
+                         f"where {self.site} was called; look at what consumes its output.")
         user = self.user_frames()
         if user:
             lines.append("  produced by (your code, innermost first):")
@@ -84,6 +88,27 @@ class Anomaly:
             lines.append("  full stack (most recent call last):")
             lines.extend(_format_frame(fr) for fr in self.stack)
         return "\n".join(lines)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_USER_MODULES_IN_PACKAGE = ("demo.py",)
+
+
+def _library_dirs() -> tuple:
+    dirs = [_PACKAGE_DIR]
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "__file__", None):
+        dirs.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    return tuple(dirs)
+
+
+def _is_library(filename: str) -> bool:
+    if filename.startswith("<"):  # <frozen runpy>, <string>
+        return True
+    path = os.path.abspath(filename)
+    if path.startswith(_PACKAGE_DIR):
+        return os.path.basename(path) not in _USER_MODULES_IN_PACKAGE
+    return path.startswith(_library_dirs())
 
 
 def _format_frame(fr: traceback.FrameSummary) -> str:

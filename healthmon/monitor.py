@@ -15,6 +15,11 @@ only with the number of sites, never with steps):
   records all queued ``p.grad`` with one ``ops.multi_stats_into`` call per device. At that
   point every gradient is alive (before any optimizer step or ``zero_grad``) and the monitor
   keeps no reference to any gradient (it holds the model's parameters only).
+* ``param``    every parameter at the end of a training step (after the optimizer's update
+  when the boundary is its step hook), one multi-tensor op per device; steps without a
+  backward (evaluation) skip it.
+* ``label``    class-index targets of ``cross_entropy`` / ``nll_loss`` calls (see
+  :mod:`healthmon.labels`).
 
 In async mode (default) hooks only launch the native op (no host sync). At a step
 boundary the buffer is copied to (pinned) host memory and the previous step is decoded
@@ -456,6 +461,30 @@ class Monitor:
         records[site.slot, :NUM_LABEL].copy_(record)
         return clean
 
+    def _record_params(self) -> None:
+        """Phase ``param``: every watched parameter as the step ends (after the optimizer's
+        update when the boundary is its step hook): one multi-tensor op per device.
+        Diverging weights show here before they poison the next forward."""
+        sid = self._stacks.capture(2)
+        groups: Dict[torch.device, Tuple[list, list]] = {}
+        order = self._cur.order
+        for pindex, p in enumerate(self._params):
+            reason = unsupported(p)
+            if reason is not None:
+                self._skip(reason)
+                continue
+            module, pname = self._param_sites[pindex]
+            site = self._site(module, self._names[module], "param", pname, 0, p.device)
+            xs, slots = groups.setdefault(p.device, ([], []))
+            xs.append(p.detach())
+            slots.append(site.slot)
+            order.append((site, sid))
+        for device, (xs, slots) in groups.items():
+            ops.multi_stats_into(xs, self._bufs[device].records, slots)
+        if self.config.sync:
+            for site, site_sid in order[len(order) - sum(len(g[0]) for g in groups.values()):]:
+                self._check_now(site, site_sid)
+
     def _optimizer_hook(self, optimizer, args, kwargs) -> None:
         if self._removed:
             return
@@ -495,6 +524,8 @@ class Monitor:
             return
         if self._grad_queue:
             self._flush_grads()
+        if cur.active and cur.backward and self._params:  # training steps only
+            self._record_params()
         self.step_index = cur.index + 1
         self._cur = _Step(self.step_index, self.step_index % self.config.every == 0)
         self._calls = [0] * len(self._modules)

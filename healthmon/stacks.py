@@ -62,12 +62,10 @@ class StackTable:
         ``traceback.extract_stack``); empty for an unknown id."""
         if sid is None or sid < 0 or sid >= len(self._keys):
             return []
-        key = self._keys[sid]
-        start = 0  # drop the innermost frames of the module-call / hook machinery
-        while start < len(key) and _is_machinery(key[start][0].co_filename):
-            start += 1
+        # drop the module-call / hook machinery frames (torch's Module.__call__ layers)
         return [traceback.FrameSummary(code.co_filename, lineno, code.co_name)
-                for code, lineno in reversed(key[start:])]
+                for code, lineno in reversed(self._keys[sid])
+                if not _is_machinery(code.co_filename)]
 
     def clear(self) -> None:
         self._ids.clear()
