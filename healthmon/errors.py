@@ -30,6 +30,7 @@ class Anomaly:
         rank: distributed rank that saw it (None when not distributed).
         consequences: later anomalies of the same step (NaN spreads; the first is the culprit).
         call: the n-th call of the module in the step (modules called several times).
+        module_type: class name of the module (``Linear``), "" when not a module.
     """
     site: str
     phase: str
@@ -42,6 +43,7 @@ class Anomaly:
     rank: Optional[int] = None
     consequences: List["Anomaly"] = field(default_factory=list)
     call: int = 0
+    module_type: str = ""
 
     @property
     def where(self) -> str:
@@ -49,7 +51,8 @@ class Anomaly:
         call = f" call {self.call}" if self.call else ""
         rank = f", rank {self.rank}" if self.rank is not None else ""
         step = f", step {self.step}" if self.step >= 0 else ""  # -1: outside any step
-        return f"{self.site}{call} ({self.phase} {self.role}){step}{rank}"
+        kind = f" [{self.module_type}]" if self.module_type else ""
+        return f"{self.site}{kind}{call} ({self.phase} {self.role}){step}{rank}"
 
     def headline(self) -> str:
         """One line: what went bad and where."""

@@ -602,9 +602,11 @@ class Monitor:
 
     def _anomaly(self, site: _Site, row: list, sid: int, step: int, prev_bwd) -> Anomaly:
         name, role, stack_id, call = site.name, site.role, sid, site.call
+        module = site.module
         if site.phase == "backward" and prev_bwd is not None and prev_bwd[0].module != site.module:
             consumer, consumer_sid = prev_bwd
             name, call, stack_id = consumer.name, consumer.call, consumer_sid
+            module = consumer.module
             which = site.role[len("grad_"):] if site.role.startswith("grad_") else site.role
             role = f"grad_input (gradient of {site.name} {which})"
         last = site.last_healthy
@@ -612,7 +614,8 @@ class Monitor:
                        kind=self._bad(site, row), stats=TensorStats.from_record(row),
                        stack=self._stacks.frames(stack_id),
                        last_healthy=TensorStats.from_record(last) if last is not None else None,
-                       call=call)
+                       call=call,
+                       module_type=type(self._modules[module]).__name__ if module >= 0 else "")
 
     def _check_now(self, site: _Site, sid: int) -> None:
         """Sync mode: read the record just written and report it if bad (raises here)."""

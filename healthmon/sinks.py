@@ -117,7 +117,7 @@ def anomaly_dict(anomaly: Anomaly) -> dict:
     return {
         "type": "anomaly", "step": anomaly.step, "rank": anomaly.rank,
         "site": anomaly.site, "phase": anomaly.phase, "role": anomaly.role,
-        "call": anomaly.call, "kind": anomaly.kind,
+        "call": anomaly.call, "kind": anomaly.kind, "module_type": anomaly.module_type,
         "stats": stats_dict(anomaly.stats), "last_healthy": stats_dict(anomaly.last_healthy),
         "stack": [[fr.filename, fr.lineno, fr.name, fr.line] for fr in anomaly.stack],
         "consequences": [{"site": c.site, "phase": c.phase, "role": c.role, "call": c.call,
