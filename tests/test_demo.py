@@ -15,7 +15,7 @@ def test_demo_runs_and_catches_both_bugs(tmp_path, capsys, monkeypatch):
     assert "anomalies: none" in out
     assert "out-of-range labels in cross_entropy" in out and "255" in out
     assert "wraparound_loss" in out  # the user's loss line is in the report
-    assert "NaN in head (backward grad_output)" in out
+    assert "NaN in head [Conv2d] (backward grad_output)" in out
     for name in ("run.jsonl", "index.html", "grad_norms.png"):
         path = tmp_path / name
         assert path.is_file() and os.path.getsize(path) > 0, name
