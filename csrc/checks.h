@@ -3,6 +3,10 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 #include "record.h"
 
 namespace healthmon {
@@ -44,8 +48,9 @@ inline void check_label_input(const at::Tensor& t, int64_t num_classes, const ch
   TORCH_CHECK(num_classes >= 1, "healthmon.", op, ": num_classes must be >= 1, got ", num_classes);
 }
 
-// The record buffer must be float64 [N, kNumStatsFields], contiguous, on `device`, and every
-// slot must be a row of it.
+// The record buffer must be float64 [N, kNumStatsFields], contiguous, on `device`; every slot
+// must be a row of it, and no row may be given twice in one call (two tensors racing for one
+// record would leave either, or on CUDA a mix of both).
 inline void check_records(const at::Tensor& records, const c10::Device& device,
                           at::IntArrayRef slots, const char* op) {
   TORCH_CHECK(records.scalar_type() == at::kDouble && records.dim() == 2 &&
@@ -58,6 +63,16 @@ inline void check_records(const at::Tensor& records, const c10::Device& device,
   for (int64_t slot : slots) {
     TORCH_CHECK(slot >= 0 && slot < records.size(0), "healthmon.", op, ": slot ", slot,
                 " is outside the record buffer of ", records.size(0), " rows");
+  }
+  if (slots.size() > 1) {
+    std::vector<std::pair<int64_t, int64_t>> order(slots.size());  // (slot, tensor index)
+    for (size_t i = 0; i < slots.size(); ++i) order[i] = {slots[i], int64_t(i)};
+    std::sort(order.begin(), order.end());
+    for (size_t i = 1; i < order.size(); ++i) {
+      TORCH_CHECK(order[i].first != order[i - 1].first, "healthmon.", op, ": slot ",
+                  order[i].first, " is given more than once (tensors ", order[i - 1].second,
+                  " and ", order[i].second, "); every tensor needs its own record row");
+    }
   }
 }
 

@@ -26,8 +26,8 @@ LABEL_FIELDS = (
     "numel",      # number of labels
     "bad",        # labels outside [0, num_classes) that are not ignore_index
     "ignored",    # labels equal to ignore_index
-    "min",        # smallest label (0 when empty)
-    "max",        # largest label (0 when empty)
+    "min",        # smallest label (0 when empty; uint64 labels >= 2**63 saturate to 2**63 - 1)
+    "max",        # largest label (0 when empty; saturated likewise)
     "first_bad",  # row-major linear index of the first bad label, -1 when none
 )
 NUM_LABEL = len(LABEL_FIELDS)

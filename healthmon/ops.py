@@ -113,10 +113,15 @@ def _check_records(records: torch.Tensor, like: torch.Tensor, slots: Sequence[in
     if records.device != like.device:
         raise ValueError(f"healthmon: records are on {records.device} but the tensor is on "
                          f"{like.device}; allocate the record buffer on the tensor's device")
-    for slot in slots:
+    first_use = {}
+    for i, slot in enumerate(slots):
         if not 0 <= slot < records.shape[0]:
             raise IndexError(f"healthmon: slot {slot} is outside the record buffer "
                              f"(0 <= slot < {records.shape[0]})")
+        if slot in first_use:  # two tensors would race for one record row
+            raise ValueError(f"healthmon: slot {slot} is given more than once (tensors "
+                             f"{first_use[slot]} and {i}); every tensor needs its own record row")
+        first_use[slot] = i
 
 
 # --------------------------------------------------------------------------- ops
@@ -189,7 +194,8 @@ def _check_labels(target: torch.Tensor, num_classes: int) -> None:
 
 def label_record(target: torch.Tensor, num_classes: int, ignore_index: int = -100) -> torch.Tensor:
     """Range check of integer labels: int64 ``(NUM_LABEL,)`` on ``target.device``
-    (fields: :data:`LABEL_FIELDS`)."""
+    (fields: :data:`LABEL_FIELDS`). A uint64 label >= 2**63 is always bad (never ignored) and
+    min / max report it saturated to 2**63 - 1."""
     _check_labels(target, num_classes)
     if _native is None:
         return reference.label_check_ref(target, num_classes, ignore_index)

@@ -68,6 +68,33 @@ def multi_stats_into_ref(xs: Sequence[torch.Tensor], records: torch.Tensor,
         stats_into_ref(x, records, slot)
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _labels_int64(target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``target`` as int64 (same shape) and a bool mask of the labels that do not fit int64.
+
+    Only uint64 labels can overflow: one >= 2**63 saturates to ``INT64_MAX`` and is marked
+    (``.to(torch.int64)`` would wrap it to a negative number, and 2**64 - 1 to -1, which could
+    even pass as ``ignore_index``). torch implements few ops for uint64 (no comparison, no
+    min / max), so its bits are reinterpreted as int64: the labels that overflow are exactly the
+    ones that read as negative. Bool labels are 0 / 1 (any non-zero byte is True).
+    """
+    t = target.detach()
+    if t.dtype == torch.uint64:
+        t = t.view(torch.int64)
+        over = t < 0
+        return torch.where(over, torch.full_like(t, INT64_MAX), t), over
+    return t.to(torch.int64), torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+
+
+def _bad_and_ignored(t: torch.Tensor, over: torch.Tensor, num_classes: int,
+                     ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    ignored = (t == ignore_index) & ~over
+    bad = (over | (t < 0) | (t >= num_classes)) & ~ignored
+    return bad, ignored
+
+
 def label_check_ref(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """Range check of integer labels.
 
@@ -78,10 +105,13 @@ def label_check_ref(target: torch.Tensor, num_classes: int, ignore_index: int) -
     Returns:
         int64 tensor ``(NUM_LABEL,)`` on ``target.device``: numel, bad, ignored, min, max,
         first_bad (row-major index, -1 when none).
+
+    A uint64 label >= 2**63 is always bad (it cannot equal any int64 ``ignore_index``) and is
+    reported saturated to ``INT64_MAX`` in min / max, as the native kernels do.
     """
-    t = target.detach().reshape(-1).to(torch.int64)
-    ignored = t == ignore_index
-    bad = ((t < 0) | (t >= num_classes)) & ~ignored
+    t, over = _labels_int64(target)
+    t, over = t.reshape(-1), over.reshape(-1)
+    bad, ignored = _bad_and_ignored(t, over, num_classes, ignore_index)
     out = torch.zeros(NUM_LABEL, dtype=torch.int64, device=target.device)
     out[LABEL["numel"]] = t.numel()
     out[LABEL["bad"]] = bad.sum()
@@ -101,7 +131,7 @@ def label_sanitize_ref(target: torch.Tensor, num_classes: int,
     """:func:`label_check_ref` plus an int64 copy of ``target`` (same shape, contiguous)
     with every bad label replaced by ``ignore_index``."""
     record = label_check_ref(target, num_classes, ignore_index)
-    t = target.detach().to(torch.int64)
-    bad = ((t < 0) | (t >= num_classes)) & (t != ignore_index)
+    t, over = _labels_int64(target)
+    bad, _ = _bad_and_ignored(t, over, num_classes, ignore_index)
     clean = torch.where(bad, torch.full_like(t, ignore_index), t).contiguous()
     return record, clean

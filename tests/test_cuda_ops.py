@@ -280,3 +280,58 @@ def test_opcheck_cuda():
     torch.library.opcheck(native.multi_stats_into, ([x, x.half()], records, [2, 0]))
     torch.library.opcheck(native.label_check, (t, 5, -100))
     torch.library.opcheck(native.label_sanitize, (t, 5, -100))
+
+
+# ------------------------------------------------------------------- edge cases (CPU parity)
+
+def test_uint64_labels_at_or_above_2_pow_63_are_bad_and_saturate():
+    int64_max = 2**63 - 1
+    values = [3, 2**63, 0, 2**64 - 1, int64_max, 7, 2**63 + 5, 1] * 5  # some in the vector body
+    t_cpu = torch.tensor(values, dtype=torch.uint64)
+    for name, v in (("contiguous", t_cpu.to(DEV)), ("offset", t_cpu.to(DEV)[1:]),
+                    ("transposed", t_cpu.view(5, 8).to(DEV).t())):
+        for ignore in (-100, -1, int64_max, -2**63):
+            want = reference.label_check_ref(v.cpu(), 8, ignore)
+            assert ops.label_record(v, 8, ignore).cpu().tolist() == want.tolist(), f"{name} {ignore}"
+            rec, clean = ops.label_sanitize(v, 8, ignore)
+            want_rec, want_clean = reference.label_sanitize_ref(v.cpu(), 8, ignore)
+            assert rec.cpu().tolist() == want_rec.tolist() and torch.equal(clean.cpu(), want_clean)
+            assert want.tolist()[LABEL["max"]] == int64_max
+
+
+def test_bool_bytes_other_than_one_count_as_true():
+    b = torch.tensor([2, 0, 1, 255, 0, 7] * 7, dtype=torch.uint8).view(torch.bool)
+    assert_stats_match(ops.stats_record(b.to(DEV)), ref(b), torch.bool, "bool bytes")
+    assert ops.label_record(b.to(DEV), 2, -100).cpu().tolist() == \
+        reference.label_check_ref(b, 2, -100).tolist()
+
+
+def test_tiny_values_keep_their_squares():
+    for dtype in (torch.float32, torch.bfloat16):
+        for value in (1e-38, 1e-30, 3e-22):
+            x = torch.full((70_001,), value, dtype=torch.float64)
+            x[::7] = -x[::7]
+            x = x.to(dtype).to(DEV)
+            assert_stats_match(ops.stats_record(x), ref(x), dtype, f"{dtype} {value}")
+
+
+def test_multi_stats_into_refuses_repeated_slots():
+    x = torch.randn(10, device=DEV)
+    records = torch.zeros(4, NUM_STATS, dtype=torch.float64, device=DEV)
+    with pytest.raises(RuntimeError, match="slot 2 .*more than once"):
+        torch.ops.healthmon.multi_stats_into([x, x * 2, x], records, [2, 0, 2])
+    with pytest.raises(ValueError, match="slot 2 .*more than once"):
+        ops.multi_stats_into([x, x * 2, x], records, [2, 0, 2])
+    assert (records == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] + FLOAT8_DTYPES + FNUZ_DTYPES,
+                         ids=str)
+def test_every_bit_pattern_of_narrow_floats(dtype):
+    """All 2**8 / 2**16 encodings (the float8 decoders are our own code): NaN payloads, ±Inf, -0,
+    subnormals, the extremes; aligned and off a 16-byte boundary."""
+    bits = 8 * torch.empty(0, dtype=dtype).element_size()
+    ity = torch.int16 if bits == 16 else torch.uint8
+    x = torch.arange(2**bits, dtype=torch.int32).to(ity).view(dtype).repeat(3)
+    for name, v in (("all", x), ("offset", x[1:]), ("strided", x[1::3])):
+        assert_stats_match(ops.stats_record(v.to(DEV)), ref(v), dtype, f"{dtype} {name}")

@@ -130,3 +130,150 @@ def test_over_2_31_elements():
     x[5] = 0
     lab = ops.label_record(x, 10, -100).tolist()
     assert lab[LABEL["first_bad"]] == 2**31 + 17
+
+
+# ------------------------------------------------------------------ extremes and edge cases
+
+def _smallest_subnormal(dtype):
+    info = torch.finfo(dtype)
+    return info.tiny * info.eps  # 2**-149 for float32, 2**-133 for bfloat16, 2**-24 for float16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16] + FLOAT8_DTYPES,
+                         ids=str)
+def test_tiny_values_keep_their_squares(dtype):
+    """Squares below the float range (values ~1e-38, subnormals) are not lost: the float64
+    reference gives sumsq ~1e-73, not 0. Several blocks (5000 elements), mixed signs."""
+    info = torch.finfo(dtype)
+    values = [info.tiny, info.tiny / 4, _smallest_subnormal(dtype), 3 * _smallest_subnormal(dtype)]
+    if dtype in (torch.float32, torch.bfloat16):
+        values += [1e-38, 1e-30, 1e-20, 3e-22]
+    for value in values:
+        x = torch.full((5000,), value, dtype=torch.float64)
+        x[::7] = -x[::7]
+        x = x.to(dtype)
+        want = reference.stats_ref(x)
+        assert want[STAT["sumsq"]] > 0, f"{dtype} {value}"
+        assert_stats_match(ops.stats_record(x), want, dtype, f"{dtype} value {value}")
+    # a spread of magnitudes (most squares underflow float), and tiny blocks between normal ones
+    gen = torch.Generator().manual_seed(17)
+    spread = (torch.randn(70001, generator=gen, dtype=torch.float64)
+              * torch.exp(torch.randn(70001, generator=gen, dtype=torch.float64) * 3) * 1e-36)
+    x = spread.clamp(-info.max, info.max).to(dtype)
+    assert_stats_match(ops.stats_record(x), reference.stats_ref(x), dtype, f"{dtype} spread")
+    spread[:1024] = 1.0
+    spread[-5] = math.nan
+    x = spread.clamp(-info.max, info.max).to(dtype)
+    assert_stats_match(ops.stats_record(x), reference.stats_ref(x), dtype, f"{dtype} mixed")
+
+
+def test_integer_extremes_match_reference():
+    cases = [
+        torch.tensor([-2**63, 5, 2**63 - 1, 0], dtype=torch.int64),  # |INT64_MIN| = 2**63
+        torch.tensor([-2**63], dtype=torch.int64),
+        torch.tensor([-2**31, 2**31 - 1], dtype=torch.int32),
+        torch.tensor([-128, 127], dtype=torch.int8),
+        torch.tensor([0, 3, 2**63, 2**64 - 1, 2**63 - 1], dtype=torch.uint64),
+        torch.tensor([0, 2**32 - 1, 2**31], dtype=torch.uint32),
+        torch.tensor([0, 2**16 - 1], dtype=torch.uint16),
+    ]
+    for x in cases:
+        assert_stats_match(ops.stats_record(x), reference.stats_ref(x), x.dtype, f"{x.tolist()}")
+    rec = ops.stats_record(cases[1]).tolist()
+    assert rec[STAT["absmax"]] == 2.0**63 and rec[STAT["min"]] == -2.0**63
+
+
+def test_bool_bytes_other_than_one_count_as_true():
+    """A bool tensor viewed from bytes may hold 2 or 255; torch (and the reference, and the
+    CUDA kernel) reads any non-zero byte as True, i.e. 1."""
+    b = torch.tensor([2, 0, 1, 255, 0, 7], dtype=torch.uint8).view(torch.bool)
+    assert_stats_match(ops.stats_record(b), reference.stats_ref(b), torch.bool, "bool bytes")
+    assert ops.stats_record(b).tolist()[STAT["max"]] == 1
+    assert torch.equal(ops.label_record(b, 2, -100), reference.label_check_ref(b, 2, -100))
+    rec, clean = ops.label_sanitize(b, 1, -100)
+    want_rec, want_clean = reference.label_sanitize_ref(b, 1, -100)
+    assert torch.equal(rec, want_rec) and torch.equal(clean, want_clean)
+    assert clean.tolist() == [-100, 0, -100, -100, 0, -100]
+
+
+INT64_MAX = 2**63 - 1
+
+
+def test_uint64_labels_at_or_above_2_pow_63_are_bad_and_saturate():
+    """A uint64 label >= 2**63 does not fit int64: it is always bad (never ignored, whatever
+    ignore_index is), min / max report it saturated to INT64_MAX, and the sanitised copy holds
+    ignore_index in its place. The reference and the kernels agree on every layout."""
+    values = [3, 2**63, 0, 2**64 - 1, INT64_MAX, 7, 2**63 + 5, 1]
+    t = torch.tensor(values, dtype=torch.uint64)
+    # (ignore_index, bad, ignored, min, max, first_bad, clean)
+    M = INT64_MAX
+    expected = [
+        (-100, 4, 0, 0, M, 1, [3, -100, 0, -100, -100, 7, -100, 1]),
+        (-1, 4, 0, 0, M, 1, [3, -1, 0, -1, -1, 7, -1, 1]),  # 2**64 - 1 is not -1
+        (M, 3, 1, 0, M, 1, [3, M, 0, M, M, 7, M, 1]),  # only the label that *is* M is ignored
+        (-2**63, 4, 0, 0, M, 1, [3, -2**63, 0, -2**63, -2**63, 7, -2**63, 1]),
+    ]
+    for ignore, bad, ignored, lo, hi, first, clean_want in expected:
+        for impl, check, sanitize in (("reference", reference.label_check_ref,
+                                       reference.label_sanitize_ref),
+                                      ("native", ops.label_record, ops.label_sanitize)):
+            rec = check(t, 8, ignore).tolist()
+            assert rec == [len(values), bad, ignored, lo, hi, first], f"{impl} ignore={ignore}: {rec}"
+            rec2, clean = sanitize(t, 8, ignore)
+            assert rec2.tolist() == rec and clean.tolist() == clean_want, f"{impl} ignore={ignore}"
+    grid = torch.tensor(values * 3, dtype=torch.uint64).view(4, 6)
+    for name, v in layouts(grid):
+        for ignore in (-100, -1, INT64_MAX):
+            assert torch.equal(ops.label_record(v, 8, ignore),
+                               reference.label_check_ref(v, 8, ignore)), f"{name} {ignore}"
+            got = ops.label_sanitize(v, 8, ignore)
+            want = reference.label_sanitize_ref(v, 8, ignore)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"{name} {ignore}"
+    only_big = torch.tensor([2**64 - 1, 2**63], dtype=torch.uint64)
+    assert ops.label_record(only_big, 8, -1).tolist() == [2, 2, 0, INT64_MAX, INT64_MAX, 0]
+    assert reference.label_check_ref(only_big, 8, -1).tolist() == [2, 2, 0, INT64_MAX, INT64_MAX, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64], ids=str)
+def test_wide_unsigned_labels_match_reference(dtype):
+    gen = torch.Generator().manual_seed(8)
+    t = torch.randint(0, 40, (4, 9, 11), generator=gen, dtype=torch.int64).to(dtype)
+    for name, v in layouts(t):
+        for num_classes, ignore in [(8, -100), (30, 7), (1, 0)]:
+            assert torch.equal(ops.label_record(v, num_classes, ignore),
+                               reference.label_check_ref(v, num_classes, ignore)), name
+            got, want = ops.label_sanitize(v, num_classes, ignore), \
+                reference.label_sanitize_ref(v, num_classes, ignore)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), name
+        assert_stats_match(ops.stats_record(v), reference.stats_ref(v), dtype, name)
+
+
+FNUZ_DTYPES = [getattr(torch, n) for n in ("float8_e4m3fnuz", "float8_e5m2fnuz")
+               if hasattr(torch, n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] + FLOAT8_DTYPES + FNUZ_DTYPES,
+                         ids=str)
+def test_every_bit_pattern_of_narrow_floats(dtype):
+    """All 2**8 / 2**16 encodings at once: NaN payloads, ±Inf, -0, subnormals, the extremes."""
+    bits = 8 * torch.empty(0, dtype=dtype).element_size()
+    ity = torch.int16 if bits == 16 else torch.uint8
+    x = torch.arange(2**bits, dtype=torch.int32).to(ity).view(dtype)
+    assert_stats_match(ops.stats_record(x), reference.stats_ref(x), dtype, f"{dtype} all")
+    assert_stats_match(ops.stats_record(x[1::3]), reference.stats_ref(x[1::3]), dtype,
+                       f"{dtype} strided")
+
+
+@pytest.mark.parametrize("dtype, ity, bits", [
+    (torch.float32, torch.int32, [0x7FC00000, -0x00400000, 0x7F800001, -0x007FFFFF, 0x7FFFFFFF,
+                                  -0x80000000, 0x00000001, -0x7FFFFFFF]),
+    (torch.float64, torch.int64, [0x7FF8000000000000, -0x0008000000000000, 0x7FF0000000000001,
+                                  -0x8000000000000000, 1, 0x7FF0000000000000]),
+], ids=["float32", "float64"])
+def test_nan_payloads_signs_and_signalling_nans(dtype, ity, bits):
+    """Quiet / signalling / negative NaNs are NaN, -0 is a zero, subnormals are finite."""
+    raw = torch.tensor(bits * 300 + [1, 2, 3], dtype=ity)
+    x = raw.view(dtype)
+    rec = ops.stats_record(x)
+    assert_stats_match(rec, reference.stats_ref(x), dtype, f"{dtype} payloads")
+    assert rec[STAT["nan"]] > 0 and rec[STAT["zeros"]] == 300

@@ -167,3 +167,52 @@ def test_missing_extension_gives_one_warning_naming_the_build_command():
     assert out.returncode == 0, out.stderr
     count, message = out.stdout.split("\n", 1)
     assert count == "1" and "make build" in message and "reference" in message
+
+
+def _repeated_slot_cases():
+    x, y = torch.randn(10), torch.randn(3, 4)
+    return [([x, y, x], [2, 0, 2], 2), ([x, y], [1, 1], 1), ([y, x, y, x], [0, 3, 1, 3], 3)]
+
+
+def test_multi_stats_into_refuses_repeated_slots_before_any_write():
+    for xs, slots, dup in _repeated_slot_cases():
+        records = torch.zeros(4, NUM_STATS, dtype=torch.float64)
+        with pytest.raises(ValueError, match=f"slot {dup} .*more than once"):
+            ops.multi_stats_into(xs, records, slots)
+        assert (records == 0).all()
+
+
+@needs_ext
+def test_native_multi_stats_into_refuses_repeated_slots_too():
+    for xs, slots, dup in _repeated_slot_cases():
+        records = torch.zeros(4, NUM_STATS, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match=f"slot {dup} .*more than once"):
+            torch.ops.healthmon.multi_stats_into(xs, records, slots)
+        assert (records == 0).all()
+    records = torch.zeros(4, NUM_STATS, dtype=torch.float64)  # distinct slots still fine
+    torch.ops.healthmon.multi_stats_into([torch.ones(3), torch.zeros(2)], records, [3, 0])
+    assert records[3, 0] == 3 and records[0, 0] == 2
+
+
+def test_fallback_refuses_repeated_slots():
+    code = (
+        "import torch\n"
+        "from healthmon import ops\n"
+        "from healthmon._layout import NUM_STATS\n"
+        "assert not ops.extension_available()\n"
+        "records = torch.zeros(3, NUM_STATS, dtype=torch.float64)\n"
+        "x = torch.randn(5)\n"
+        "try:\n"
+        "    ops.multi_stats_into([x, x * 2], records, [1, 1])\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n"
+        "print('untouched', bool((records == 0).all()))\n"
+        "ops.multi_stats_into([x, x * 2], records, [1, 2])\n"
+        "print('written', records[1, 0].item(), records[2, 0].item())\n")
+    env = dict(os.environ, HEALTHMON_NO_EXT="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("refused:") and "slot 1" in lines[0] and "more than once" in lines[0]
+    assert lines[1:] == ["untouched True", "written 5.0 5.0"]

@@ -23,14 +23,32 @@ struct LabelPartial {
   int64_t first_bad = -1;
 };
 
-// Labels as int64; unsigned values above INT64_MAX saturate (they are bad either way).
+// A torch bool byte: any non-zero value is True (1), as torch reads it.
+struct BoolByte {
+  uint8_t byte;
+};
+
+// Labels as int64. A uint64 label above INT64_MAX does not fit: it saturates to INT64_MAX (the
+// min / max it reports) and `overflows` marks it, which makes it bad whatever ignore_index is.
+// healthmon.reference.label_check_ref has the same semantics.
 template <typename T>
 inline int64_t widen(T v) {
   if constexpr (std::is_same_v<T, uint64_t>) {
     return v > uint64_t(std::numeric_limits<int64_t>::max()) ? std::numeric_limits<int64_t>::max()
                                                              : int64_t(v);
+  } else if constexpr (std::is_same_v<T, BoolByte>) {
+    return v.byte != 0;
   } else {
     return int64_t(v);
+  }
+}
+
+template <typename T>
+inline bool overflows(T v) {
+  if constexpr (std::is_same_v<T, uint64_t>) {
+    return v > uint64_t(std::numeric_limits<int64_t>::max());
+  } else {
+    return false;
   }
 }
 
@@ -39,8 +57,9 @@ void check_span(const T* x, int64_t begin, int64_t end, int64_t num_classes,
                 int64_t ignore_index, int64_t* clean, LabelPartial& p) {
   for (int64_t i = begin; i < end; ++i) {
     const int64_t v = widen(x[i]);
-    const bool ignored = v == ignore_index;
-    const bool bad = !ignored && (v < 0 || v >= num_classes);
+    const bool over = overflows(x[i]);
+    const bool ignored = !over && v == ignore_index;
+    const bool bad = !ignored && (over || v < 0 || v >= num_classes);
     p.ignored += ignored;
     p.bad += bad;
     p.min = std::min(p.min, v);
@@ -88,7 +107,7 @@ void label_run(const at::Tensor& target, int64_t num_classes, int64_t ignore_ind
   case at::scalar:                                                                          \
     return check_all(static_cast<const ctype*>(data), n, num_classes, ignore_index, clean, \
                      record);
-    HM_LABEL_CASE(kBool, uint8_t)
+    HM_LABEL_CASE(kBool, BoolByte)
     HM_LABEL_CASE(kByte, uint8_t)
     HM_LABEL_CASE(kChar, int8_t)
     HM_LABEL_CASE(kShort, int16_t)

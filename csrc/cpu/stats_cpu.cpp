@@ -103,17 +103,42 @@ inline __attribute__((always_inline)) bool block_stats_finite(const T* __restric
 #endif
 
 // Sum and sum of squares of the finite values in double: the slow path of a float block whose
-// float accumulators overflowed (values near the float range; squares above ~1.8e19).
-void block_sums_f64(const float* x, int64_t n, double& sum, double& sumsq) {
-  sum = 0;
-  sumsq = 0;
+// float sums left the float range. Inlined into the clones of its caller, so it vectorises.
+inline __attribute__((always_inline)) void block_sums_f64(const float* __restrict x, int64_t n,
+                                                          double& sum, double& sumsq) {
+  const double inf = std::numeric_limits<double>::infinity();
+  double s = 0, ss = 0;
+#pragma omp simd reduction(+ : s, ss)
   for (int64_t i = 0; i < n; ++i) {
     const double v = x[i];
-    if (std::isfinite(v)) {
-      sum += v;
-      sumsq += v * v;
-    }
+    const double f = (v < 0 ? -v : v) < inf ? v : 0.0;  // NaN and ±Inf contribute nothing
+    s += f;
+    ss += f * f;
   }
+  sum = s;
+  sumsq = ss;
+}
+
+// A float block's sum of squares below this may have lost squares to underflow: |x| < 2^-63
+// squares to a float subnormal, |x| < 2^-75 to zero. At or above it, rounding the subnormal
+// squares of a block (at most kBlock * 2^-150) costs under 2^-40 relative: nothing to redo.
+constexpr double kTinySumSq = 0x1p-100;
+
+// Sum of squares of the finite values of a block whose float sum of squares is below
+// kTinySumSq: every finite |x| is then below ~2^-50, so x * 2^100 is exact (a power of two; the
+// smallest subnormal 2^-149 becomes 2^-49) and its square a normal float well inside the range.
+// Squared and summed in float (as fast as the common path), scaled back by 2^-200 in double.
+inline __attribute__((always_inline)) double block_tiny_sumsq(const float* __restrict x,
+                                                              int64_t n) {
+  const float inf = std::numeric_limits<float>::infinity();
+  float ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float f = (v < 0 ? -v : v) < inf ? v * 0x1p100f : 0.f;  // NaN and ±Inf: nothing
+    ss += f * f;
+  }
+  return double(ss) * 0x1p-200;
 }
 
 HM_TARGET_CLONES void span_stats_f32(const float* x, int64_t n, Partial& p) {
@@ -123,10 +148,14 @@ HM_TARGET_CLONES void span_stats_f32(const float* x, int64_t n, Partial& p) {
     if (!block_stats_finite<float>(x + i, m, block)) {
       block = Partial();
       block_stats<float>(x + i, m, block);
+      // squares beyond the float range (|x| above ~1.8e19 overflows the float accumulator)
       if (!std::isfinite(block.sum) || !std::isfinite(block.sumsq)) {
         block_sums_f64(x + i, m, block.sum, block.sumsq);
       }
     }
+    // squares below the float range (values ~1e-38 square to 0 in float): one compare per
+    // block on the common path. (The float sum needs no redo: adding floats never underflows.)
+    if (block.sumsq < kTinySumSq && block.absmax > 0) block.sumsq = block_tiny_sumsq(x + i, m);
     p.merge(block);
   }
 }
@@ -194,24 +223,25 @@ void span_stats_bf16(const at::BFloat16* x, int64_t n, Partial& p) {
   }
 }
 
-// Integer and bool tensors: no NaN / Inf; exact min / max, sums in double.
-template <typename T>
+// Integer and bool tensors: no NaN / Inf; exact min / max / abs-max, sums in double. A bool
+// is read as its byte != 0, as torch reads it (a bool viewed from bytes may hold 2 or 255).
+template <typename T, bool kBool = false>
 void span_stats_integer(const T* x, int64_t n, Partial& p) {
   using Wide = std::conditional_t<std::is_signed_v<T>, int64_t, uint64_t>;
   Wide mn = std::numeric_limits<Wide>::max(), mx = std::numeric_limits<Wide>::min();
   int64_t zeros = 0;
   double s = 0, ss = 0;
-  Wide am = 0;
+  uint64_t am = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const Wide v = static_cast<Wide>(x[i]);
+    const Wide v = kBool ? Wide(x[i] != 0) : static_cast<Wide>(x[i]);
     zeros += v == 0;
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
     const double d = static_cast<double>(v);
     s += d;
     ss += d * d;
-    Wide a = v;
-    if constexpr (std::is_signed_v<T>) a = v < 0 ? Wide(0) - v : v;
+    uint64_t a = static_cast<uint64_t>(v);
+    if constexpr (std::is_signed_v<T>) a = v < 0 ? uint64_t(0) - a : a;  // |INT64_MIN| = 2^63
     am = a > am ? a : am;
   }
   p.zeros += zeros;
@@ -238,7 +268,8 @@ void span_stats(const void* data, at::ScalarType dtype, int64_t n, Partial& p) {
       return span_stats_widened(static_cast<const c10::Float8_e4m3fnuz*>(data), n, p);
     case at::kFloat8_e5m2fnuz:
       return span_stats_widened(static_cast<const c10::Float8_e5m2fnuz*>(data), n, p);
-    case at::kBool: return span_stats_integer(static_cast<const uint8_t*>(data), n, p);
+    case at::kBool:
+      return span_stats_integer<uint8_t, true>(static_cast<const uint8_t*>(data), n, p);
     case at::kByte: return span_stats_integer(static_cast<const uint8_t*>(data), n, p);
     case at::kChar: return span_stats_integer(static_cast<const int8_t*>(data), n, p);
     case at::kShort: return span_stats_integer(static_cast<const int16_t*>(data), n, p);

@@ -62,14 +62,31 @@ __device__ __forceinline__ LabelRed block_reduce(LabelRed v, LabelRed* smem) {
   return v;
 }
 
-// Labels as int64; uint64 values above INT64_MAX saturate (they are bad either way), as in the
-// CPU kernel.
+// A torch bool byte: any non-zero value is True (1), as torch reads it.
+struct BoolByte {
+  uint8_t byte;
+};
+
+// Labels as int64. A uint64 label above INT64_MAX does not fit: it saturates to INT64_MAX (the
+// min / max it reports) and `overflows` marks it, which makes it bad whatever ignore_index is
+// (as in the CPU kernel and healthmon.reference.label_check_ref).
 template <typename T>
 __device__ __forceinline__ long long widen(T v) {
   if constexpr (std::is_same<T, uint64_t>::value) {
     return v > static_cast<uint64_t>(kInt64Max) ? kInt64Max : static_cast<long long>(v);
+  } else if constexpr (std::is_same<T, BoolByte>::value) {
+    return v.byte != 0;
   } else {
     return static_cast<long long>(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ bool overflows(T v) {
+  if constexpr (std::is_same<T, uint64_t>::value) {
+    return v > static_cast<uint64_t>(kInt64Max);
+  } else {
+    return false;
   }
 }
 
@@ -77,9 +94,12 @@ struct Check {
   long long num_classes, ignore_index;
   long long* clean;  // nullptr: check only
 
-  __device__ __forceinline__ void operator()(long long v, long long i, LabelRed& r) const {
-    const bool ignored = v == ignore_index;
-    const bool bad = !ignored && (v < 0 || v >= num_classes);
+  template <typename T>
+  __device__ __forceinline__ void operator()(T raw, long long i, LabelRed& r) const {
+    const long long v = widen(raw);
+    const bool over = overflows(raw);
+    const bool ignored = !over && v == ignore_index;
+    const bool bad = !ignored && (over || v < 0 || v >= num_classes);
     r.ignored += ignored;
     r.bad += bad;
     r.mn = v < r.mn ? v : r.mn;
@@ -102,7 +122,7 @@ __global__ void __launch_bounds__(kThreads)
   const uintptr_t addr = reinterpret_cast<uintptr_t>(x);
   long long head = static_cast<long long>((16u - (addr & 15u)) & 15u) / static_cast<long long>(sizeof(T));
   head = head < n ? head : n;
-  if (g < head) check(widen(x[g]), g, r);
+  if (g < head) check(x[g], g, r);
 
   const uint4* body = reinterpret_cast<const uint4*>(x + head);
   const long long nvec = (n - head) / kVec;
@@ -112,11 +132,11 @@ __global__ void __launch_bounds__(kThreads)
     memcpy(vals, &raw, sizeof(raw));
     const long long base = head + v * kVec;
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) check(widen(vals[k]), base + k, r);
+    for (int k = 0; k < kVec; ++k) check(vals[k], base + k, r);
   }
 
   const long long done = head + nvec * kVec;
-  if (g < n - done) check(widen(x[done + g]), done + g, r);
+  if (g < n - done) check(x[done + g], done + g, r);
 
   r = block_reduce(r, smem);
   if (threadIdx.x == 0) partials[blockIdx.x] = LabelPartial{r.bad, r.ignored, r.mn, r.mx, r.first_bad};
@@ -171,7 +191,7 @@ cudaError_t launch_label_check(const void* labels, int64_t n, Dtype dtype, int64
     const Check check{num_classes, ignore_index, reinterpret_cast<long long*>(clean)};
     const unsigned g = static_cast<unsigned>(grid);
     switch (dtype) {
-      case Dtype::kBool:  // torch bools are 0 / 1 bytes; read them as such
+      case Dtype::kBool: launch_partials<BoolByte>(labels, n, check, workspace, g, stream); break;
       case Dtype::kUInt8: launch_partials<uint8_t>(labels, n, check, workspace, g, stream); break;
       case Dtype::kInt8: launch_partials<int8_t>(labels, n, check, workspace, g, stream); break;
       case Dtype::kInt16: launch_partials<int16_t>(labels, n, check, workspace, g, stream); break;
