@@ -16,3 +16,6 @@ __all__ += ["watch", "Monitor", "HealthError", "Anomaly"]
 from .labels import LabelStats, check_dataset_labels, check_labels  # noqa: E402
 
 __all__ += ["check_labels", "check_dataset_labels", "LabelStats"]
+from .runner import watch_all  # noqa: E402
+
+__all__ += ["watch_all"]

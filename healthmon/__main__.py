@@ -27,7 +27,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     report.add_argument("--step", type=int, default=None,
                         help="step of the bar charts (default: the anomaly's, else the last)")
 
+    run = sub.add_parser(
+        "run", help="run an unmodified training script with every nn.Module monitored",
+        description="Run SCRIPT.py as __main__ with every outermost nn.Module watched "
+                    "(global module hooks). The HEALTHMON* environment applies "
+                    "(HEALTHMON=off: no hooks); the options below override it. Exit status: "
+                    "the script's, or 1 after a healthmon report.")
+    run.add_argument("--sync", action="store_true", default=None,
+                     help="check inside each hook and raise at the line (HEALTHMON=sync)")
+    run.add_argument("--every", type=int, default=None, metavar="N",
+                     help="monitor one step in N (HEALTHMON_EVERY)")
+    run.add_argument("--on-anomaly", choices=("raise", "warn", "log"), default=None,
+                     help="policy (HEALTHMON_ON_ANOMALY; default raise)")
+    run.add_argument("--log", default=None, metavar="PATH",
+                     help="JSONL log of the records (HEALTHMON_LOG)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no start-up line")
+    run.add_argument("script", metavar="SCRIPT.py", help="the training script")
+    run.add_argument("script_args", nargs=argparse.REMAINDER, metavar="...",
+                     help="arguments passed to the script")
+
     args = parser.parse_args(argv)
+    if args.command == "run":
+        from .runner import RunSetupError, run_script
+        try:
+            return run_script(args.script, args.script_args, quiet=args.quiet, sync=args.sync,
+                              every=args.every, on_anomaly=args.on_anomaly, log=args.log)
+        except RunSetupError as err:  # the script's own exceptions propagate unchanged
+            print(f"healthmon run: {err}", file=sys.stderr)
+            return 2
     if args.command == "demo":
         from .demo import main as demo_main
         return demo_main(steps=args.steps, out_dir=args.out, progress=not args.no_progress)

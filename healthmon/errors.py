@@ -51,7 +51,8 @@ class Anomaly:
         call = f" call {self.call}" if self.call else ""
         rank = f", rank {self.rank}" if self.rank is not None else ""
         step = f", step {self.step}" if self.step >= 0 else ""  # -1: outside any step
-        kind = f" [{self.module_type}]" if self.module_type else ""
+        kind = f" [{self.module_type}]" if self.module_type and \
+            self.module_type != self.site else ""
         return f"{self.site}{kind}{call} ({self.phase} {self.role}){step}{rank}"
 
     def headline(self) -> str:

@@ -140,8 +140,9 @@ class Monitor:
     """
 
     def __init__(self, roots: Sequence[nn.Module], config: Config,
-                 allow_inf: Sequence[str] = (), sinks: Sequence = ()):
+                 allow_inf: Sequence[str] = (), sinks: Sequence = (), prefix: str = ""):
         self.config = config
+        self.prefix = prefix
         self.anomalies: List[Anomaly] = []
         self.dropped_anomalies = 0
         self.skipped: Dict[str, int] = {}
@@ -179,45 +180,66 @@ class Monitor:
     # ----------------------------------------------------------------- setup / teardown
 
     def _attach(self, roots: Sequence[nn.Module]) -> None:
-        seen = set()
-        for r, root in enumerate(roots):
-            prefix = "" if r == 0 else type(root).__name__
-            for qual, mod in root.named_modules():
-                if id(mod) in seen:
-                    continue
-                seen.add(id(mod))
-                name = ".".join(p for p in (prefix, qual) if p) or "<model>"
-                self._modules.append(mod)
-                self._names.append(name)
-        for mod in self._modules:
-            if mod in _WATCHED:
-                raise RuntimeError(
-                    f"healthmon: {type(mod).__name__} module is already watched by another "
-                    "monitor; call its remove() (or leave its `with` block) before watching "
-                    "again")
-        self._mod_stack = [-1] * len(self._modules)
-        self._calls = [0] * len(self._modules)
         try:
             self._handles.append(roots[0].register_forward_pre_hook(
                 self._root_pre_hook, with_kwargs=True))
-            for i, mod in enumerate(self._modules):
-                self._handles.append(mod.register_forward_hook(self._make_forward_hook(i)))
-                for pname, p in mod.named_parameters(recurse=False):
-                    if id(p) in self._param_ids or not p.requires_grad:
-                        continue
-                    self._param_ids.add(id(p))
-                    self._params.append(p)
-                    self._param_sites.append((i, pname))
-                    self._handles.append(p.register_post_accumulate_grad_hook(
-                        self._make_param_hook(len(self._params) - 1)))
+            for r, root in enumerate(roots):
+                self._add_modules(root, self.prefix if r == 0 else type(root).__name__)
             from torch.optim.optimizer import register_optimizer_step_post_hook
             self._handles.append(register_optimizer_step_post_hook(self._optimizer_hook))
         except Exception:
             self._detach()
             raise
-        for mod in self._modules:
-            _WATCHED[mod] = self
         labels.install_loss_guard(self)
+
+    def _add_modules(self, root: nn.Module, prefix: str) -> None:
+        """Hook ``root`` and its submodules not hooked yet (site names ``prefix.qualname``)."""
+        new = []
+        known = {id(m) for m in self._modules}
+        for qual, mod in root.named_modules():
+            if id(mod) in known:
+                continue
+            if mod in _WATCHED and _WATCHED[mod] is not self:
+                raise RuntimeError(
+                    f"healthmon: {type(mod).__name__} module is already watched by another "
+                    "monitor; call its remove() (or leave its `with` block) before watching "
+                    "again")
+            known.add(id(mod))
+            new.append((".".join(p for p in (prefix, qual) if p) or "<model>", mod))
+        first = len(self._modules)
+        for name, mod in new:
+            self._modules.append(mod)
+            self._names.append(name)
+            self._mod_stack.append(-1)
+            self._calls.append(0)
+        for i in range(first, len(self._modules)):
+            mod = self._modules[i]
+            self._handles.append(mod.register_forward_hook(self._make_forward_hook(i)))
+            for pname, p in mod.named_parameters(recurse=False):
+                if id(p) in self._param_ids or not p.requires_grad:
+                    continue
+                self._param_ids.add(id(p))
+                self._params.append(p)
+                self._param_sites.append((i, pname))
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    self._make_param_hook(len(self._params) - 1)))
+            _WATCHED[mod] = self
+
+    def add(self, module: nn.Module, prefix: Optional[str] = None) -> None:
+        """Watch one more module (e.g. a loss module created later) in this monitor: same
+        steps, same execution order. Its sites are named ``prefix.qualname`` (default
+        prefix: its class name). Its calls are not step boundaries.
+
+        Raises:
+            TypeError: not an ``nn.Module``.
+            RuntimeError: it (or a submodule) is watched by another monitor.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"healthmon: Monitor.add expects an nn.Module, got "
+                            f"{type(module).__name__}")
+        if self._removed:
+            return
+        self._add_modules(module, type(module).__name__ if prefix is None else prefix)
 
     def _detach(self) -> None:
         labels.uninstall_loss_guard(self)
@@ -690,7 +712,8 @@ class Monitor:
 
 def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = None,
           sync: Optional[bool] = None, on_anomaly: Optional[str] = None, log=None,
-          allow_inf: Sequence[str] = (), sinks: Sequence = ()) -> Monitor:
+          allow_inf: Sequence[str] = (), sinks: Sequence = (),
+          prefix: Optional[str] = None) -> Monitor:
     """Watch ``model`` (and ``more_modules``, e.g. a loss module) for NaN / Inf.
 
     Args:
@@ -705,6 +728,8 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
             inputs may hold ±Inf (attention masks); NaN is never allowed.
         sinks: objects with ``write_step(step, rows)`` / ``write_anomaly(anomaly)`` /
             ``close()`` (see :mod:`healthmon.sinks`).
+        prefix: prefix of ``model``'s site names (``"generator"`` gives
+            ``generator.conv1``), to tell apart models watched by separate monitors.
     Returns:
         the :class:`Monitor` (a context manager). With ``HEALTHMON=off`` it is inert: no
         hooks at all.
@@ -720,4 +745,7 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
     if isinstance(allow_inf, str):
         allow_inf = (allow_inf,)
     config = resolve(every=every, sync=sync, on_anomaly=on_anomaly, log=log)
-    return Monitor((model,) + more_modules, config, allow_inf=allow_inf, sinks=sinks)
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(f"healthmon: prefix must be a str, got {type(prefix).__name__}")
+    return Monitor((model,) + more_modules, config, allow_inf=allow_inf, sinks=sinks,
+                   prefix=prefix or "")
