@@ -143,6 +143,7 @@ class Monitor:
                  allow_inf: Sequence[str] = (), sinks: Sequence = (), prefix: str = ""):
         self.config = config
         self.prefix = prefix
+        self.auto = False  # created by healthmon run / watch_all: yields to explicit watch()
         self.anomalies: List[Anomaly] = []
         self.dropped_anomalies = 0
         self.skipped: Dict[str, int] = {}
@@ -199,7 +200,11 @@ class Monitor:
         for qual, mod in root.named_modules():
             if id(mod) in known:
                 continue
-            if mod in _WATCHED and _WATCHED[mod] is not self:
+            owner = _WATCHED.get(mod)
+            if owner is not None and owner is not self and owner.auto and not self.auto:
+                owner.remove()  # healthmon run / watch_all: the script's own watch() wins
+                owner = None
+            if owner is not None and owner is not self:
                 raise RuntimeError(
                     f"healthmon: {type(mod).__name__} module is already watched by another "
                     "monitor; call its remove() (or leave its `with` block) before watching "
@@ -326,7 +331,8 @@ class Monitor:
         if self.config.sync:
             self._check_now(site, sid)
 
-    def _root_pre_hook(self, module, args, kwargs):
+    def _root_pre_hook(self, module, args, kwargs=None):
+        # kwargs=None: torch calls a hook removed during its module's call without them
         if self._removed or _in_backward():
             return None
         cur = self._cur
@@ -600,7 +606,10 @@ class Monitor:
                 continue
             if self.config.sync:
                 continue  # already reported by its hook
-            anomaly = self._anomaly(site, row, sid, step.index, prev_bwd)
+            # consequences keep their own site: prev_bwd is the last *healthy* consumer, a
+            # blame that only holds for the first bad gradient
+            anomaly = self._anomaly(site, row, sid, step.index,
+                                    prev_bwd if first is None else None)
             if first is None:
                 first = anomaly
             else:
@@ -648,7 +657,8 @@ class Monitor:
             if site.phase == "backward":
                 cur.prev_bwd = (site, sid)
             return
-        anomaly = self._anomaly(site, row, sid, cur.index, cur.prev_bwd)
+        anomaly = self._anomaly(site, row, sid, cur.index,
+                                cur.prev_bwd if cur.anomaly is None else None)
         if cur.anomaly is not None:
             cur.anomaly.consequences.append(anomaly)
             return

@@ -6,10 +6,13 @@ depth with them. The first module called at depth 0 (an outermost call: usually 
 gets a full :func:`healthmon.watch` monitor, so inputs, outputs, gradients, parameter
 gradients, parameters and labels are covered and its calls are the step boundaries. Later
 outermost modules (a loss module, a second model) join the same monitor with
-:meth:`Monitor.add`, so one execution order decides which anomaly came first; their sites
-are prefixed with their class name (``CrossEntropyLoss``). A module first called *inside*
-another one is never a root. The ``HEALTHMON*`` environment applies; ``HEALTHMON=off``
-installs nothing at all.
+:meth:`Monitor.add` at their second outermost call, so one execution order decides which
+anomaly came first; a module built anew at every step never joins (the monitor holds what
+it watches), and at most :data:`MAX_ROOTS` join. Their sites are prefixed with their class
+name (``CrossEntropyLoss``). A module first called *inside* another one, during backward
+(checkpoint recomputation) or while ``torch.compile`` traces is never a root. When the
+script calls ``healthmon.watch`` itself, its monitor takes over those modules. The
+``HEALTHMON*`` environment applies; ``HEALTHMON=off`` installs nothing at all.
 """
 from __future__ import annotations
 
@@ -19,12 +22,15 @@ import sys
 import weakref
 from typing import List, Optional, Sequence
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
 from .config import resolve
 from .errors import HealthError
-from .monitor import _WATCHED, Monitor, watch
+from .monitor import _WATCHED, Monitor, _in_backward, watch
+
+MAX_ROOTS = 64  # outermost modules joined to the monitor, besides the first
 
 
 class RunSetupError(Exception):
@@ -50,6 +56,9 @@ class AutoWatch:
         self.monitors: List[Monitor] = []
         self.monitor: Optional[Monitor] = None
         self._refused: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+        self._candidates: "weakref.WeakKeyDictionary[nn.Module, int]" = \
+            weakref.WeakKeyDictionary()
+        self._added = 0
         self._depth = 0
         self._handles: list = []
 
@@ -73,15 +82,25 @@ class AutoWatch:
         if depth or module in _WATCHED or module in self._refused:
             return None
         try:
+            if torch.compiler.is_compiling() or _in_backward():
+                return None  # compile tracing; checkpoint recomputation in backward
             if self.monitor is None or not self.monitor.active:
                 self.monitor = watch(module, **self._kwargs)
+                self.monitor.auto = True
                 self.monitors.append(self.monitor)
                 # this call's pre-hooks were collected before the monitor existed: record
                 # its inputs and open its step as the root pre-hook would have
-                self.monitor._root_pre_hook(module, args, {})
-            else:
+                self.monitor._root_pre_hook(module, args)
+                return None
+            # later roots join at their second outermost call (a loss module built anew
+            # each step never joins), up to MAX_ROOTS: the monitor holds what it watches
+            calls = self._candidates.get(module, 0) + 1
+            self._candidates[module] = calls
+            if calls >= 2 and self._added < MAX_ROOTS:
                 self.monitor.add(module)  # one monitor: one step sequence, one order
-        except RuntimeError:
+                self._added += 1
+                del self._candidates[module]
+        except Exception:  # never break the user's training step
             # e.g. a wrapper around a model the script watches itself: that part stays
             # watched by the script's own monitor
             self._refused.add(module)

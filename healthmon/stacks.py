@@ -21,9 +21,11 @@ _FULL = -1
 
 
 def _is_machinery(filename: str) -> bool:
+    """Frames nobody debugs: torch's module-call and hook layers, runpy, healthmon's CLI."""
     name = filename.replace("\\", "/")
     return name.endswith(("/torch/nn/modules/module.py", "/torch/utils/hooks.py",
-                          "/torch/_tensor.py"))
+                          "/torch/_tensor.py", "/healthmon/runner.py",
+                          "/healthmon/__main__.py")) or name.startswith("<frozen runpy")
 
 
 class StackTable:

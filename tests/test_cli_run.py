@@ -134,3 +134,23 @@ def test_watch_all_in_process(monkeypatch):
     assert "MSELoss" in names and "0" in names  # the loss module joined the same monitor
     after = (len(torch_module._global_forward_hooks), len(torch_module._global_forward_pre_hooks))
     assert after == before and not model[0]._forward_hooks
+
+
+def test_watch_all_memory_bounded_and_explicit_watch_wins(monkeypatch):
+    for var in ("HEALTHMON", "HEALTHMON_EVERY", "HEALTHMON_ON_ANOMALY", "HEALTHMON_LOG"):
+        monkeypatch.delenv(var, raising=False)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    with healthmon.watch_all() as auto:
+        sizes = []
+        for _ in range(20):
+            nn.MSELoss()(model(torch.randn(2, 3)), torch.zeros(2, 3)).backward()  # new each step
+            sizes.append((len(auto.monitor._modules), auto.monitor.num_sites))
+        assert sizes[-1] == sizes[2]  # a module built anew at every step never joins
+        # the script watches the model itself: its own monitor takes over
+        mine = healthmon.watch(model, sync=True)
+        assert not auto.monitors[0].active and mine.active
+        x = torch.randn(2, 3)
+        x[0, 1] = float("inf")
+        with pytest.raises(healthmon.HealthError, match="<input>"):
+            model(x)  # sync: raised by the script's monitor, at the call
+        mine.remove()
