@@ -46,11 +46,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import distributed as _distributed
 from . import ops
 from ._layout import NUM_STATS
 from .config import Config, resolve
 from .errors import Anomaly, HealthError
-from .hooks import unsupported, walk
+from .hooks import local_tensor, unsupported, walk
 from .stacks import StackTable
 from .stats import TensorStats
 
@@ -161,12 +162,14 @@ class Monitor:
         self._checked = 0
         self._opt_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._cur = _Step(0, True)
+        self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
+        _distributed.agree_settings(config)  # a collective on every rank, also when off
         if not config.enabled:
             return
         if config.log:
-            from .sinks import JsonlSink
-            self.sinks.append(JsonlSink(config.log))
+            self.sinks.append(_distributed.jsonl_sink(config.log))  # one file per rank
         self._attach(roots)
+        self._dist = _distributed.attach(self)
 
     # ----------------------------------------------------------------- setup / teardown
 
@@ -174,7 +177,7 @@ class Monitor:
         seen = set()
         for r, root in enumerate(roots):
             prefix = "" if r == 0 else type(root).__name__
-            for qual, mod in root.named_modules():
+            for qual, mod in _distributed.named_modules(root):  # without wrapper prefixes
                 if id(mod) in seen:
                     continue
                 seen.add(id(mod))
@@ -288,6 +291,7 @@ class Monitor:
 
     def _record_ok(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
                    call: int, sid: int) -> None:
+        t = local_tensor(t)  # a DTensor's local shard (no communication)
         site = self._site(module, name, phase, role, call, t.device)
         ops.stats_into(t, self._bufs[t.device].records, site.slot)
         self._cur.order.append((site, sid))
@@ -297,6 +301,8 @@ class Monitor:
     def _root_pre_hook(self, module, args, kwargs):
         if self._removed or _in_backward():
             return None
+        if self._dist is None and _distributed.initialized():  # initialised after watch()
+            self._dist = _distributed.attach(self, agree=True)
         cur = self._cur
         if cur.forward or cur.backward or cur.order:
             self._end_step()
@@ -367,7 +373,9 @@ class Monitor:
             if self._removed or not self._cur.active:
                 return None
             self._cur.backward = True
-            if self.config.sync:
+            if self.config.sync or self._dist is not None:
+                # distributed: record now, before DDP's reducer (its hook runs after this
+                # one) all-reduces the gradient in place in a bucket view
                 module, pname = self._param_sites[pindex]
                 if param.grad is not None:
                     self._record(param.grad, module, self._names[module], "grad", pname, 0,
@@ -391,7 +399,7 @@ class Monitor:
             return
         groups: Dict[torch.device, Tuple[list, list]] = {}
         for pindex in self._grad_queue:
-            g = self._params[pindex].grad
+            g = local_tensor(self._params[pindex].grad)
             if g is None:
                 continue
             reason = unsupported(g)
@@ -437,6 +445,8 @@ class Monitor:
         if not self._removed:
             self._end_step()
             self._decode_pending()
+            if self._dist is not None:
+                self._dist.flush()  # the agreement still in flight (CUDA)
         new = self.anomalies[self._checked:]
         self._checked = len(self.anomalies)
         return new
@@ -499,7 +509,9 @@ class Monitor:
             dicts = self._row_dicts(rows)
             for sink in self.sinks:
                 sink.write_step(step.index, dicts)
-        if first is not None and not self.config.sync:
+        if self._dist is not None and apply_policy:  # every rank takes the same branch
+            self._dist.settle(step.index, first, reported=self.config.sync)
+        elif first is not None and not self.config.sync:
             self._report(first, apply_policy)
 
     @staticmethod
@@ -522,7 +534,7 @@ class Monitor:
                        kind=self._bad(site, row), stats=TensorStats.from_record(row),
                        stack=self._stacks.frames(stack_id),
                        last_healthy=TensorStats.from_record(last) if last is not None else None,
-                       call=call)
+                       call=call, rank=self._dist.rank if self._dist is not None else None)
 
     def _check_now(self, site: _Site, sid: int) -> None:
         """Sync mode: read the record just written and report it if bad (raises here)."""
@@ -538,7 +550,7 @@ class Monitor:
             cur.anomaly.consequences.append(anomaly)
             return
         cur.anomaly = anomaly
-        self._report(anomaly, True)
+        self._report(anomaly, self._dist is None)  # distributed: raise at the boundary
 
     def _report(self, anomaly: Anomaly, apply_policy: bool) -> None:
         if len(self.anomalies) < MAX_ANOMALIES:
