@@ -51,6 +51,7 @@ import socket
 import time
 import traceback
 import warnings
+import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -289,7 +290,8 @@ class RankAgreement:
 
     def __init__(self, monitor, group=None):
         dist = torch.distributed
-        self._mon, self.group = monitor, group
+        # weak: no Monitor <-> agreement cycle keeping the model (and DDP) alive
+        self._mon, self.group = weakref.ref(monitor), group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.local_rank, self.host = _env_int("LOCAL_RANK"), socket.gethostname()
         self.device = collective_device(group)
@@ -316,7 +318,7 @@ class RankAgreement:
         :class:`RankMismatchError`.
         """
         if local is not None and not reported:
-            self._mon._report(local, False)  # history and sinks; the policy waits
+            self._mon()._report(local, False)  # history and sinks; the policy waits
         pending, self._pending = self._pending, None
         if pending is not None:  # CUDA: the previous step's flag, already on the host
             self._conclude(self._finish(pending))
@@ -382,7 +384,7 @@ class RankAgreement:
         if outcome is None:
             return
         by_rank, first_ranks = outcome
-        mon, me = self._mon, self.rank
+        mon, me = self._mon(), self.rank
         primary = by_rank[first_ranks[0]]
         if me not in by_rank:  # so that check() is non-empty on every rank alike
             from .monitor import MAX_ANOMALIES
