@@ -71,12 +71,17 @@ def _main(rank: int, world: int, port: int, scenarios: List[str], out: str) -> N
         os.environ.pop(var, None)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=30))
+
+    def init():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=30))
+    if not scenarios or scenarios[0] != "lazy_init":
+        init()
     try:
         for name in scenarios:
-            try:
-                result = SCENARIOS[name](rank, world, out)
+            try:  # lazy_init (first only) initialises the group itself, after watch()
+                result = lazy_init(rank, world, out, init) if name == "lazy_init" else \
+                    SCENARIOS[name](rank, world, out)
             except Exception:  # reported to the parent, which fails the test
                 result = {"error": traceback.format_exc()}
             with open(os.path.join(out, f"{name}.rank{rank}.json"), "w") as f:
@@ -242,6 +247,26 @@ def ddp_healthy(rank, world, out, bucket_view=False):
             "reduced_differs": sum(reduced_differs), "collectives": state.collectives,
             "collective_s": state.seconds, "loop_s": time.perf_counter() - t0,
             "rank_info": [state.rank, state.world_size, state.device.type]}
+
+
+def lazy_init(rank, world, out, init):
+    """watch() before init_process_group; the monitor finds the group at the next forward
+    (and compares the settings there), then behaves as if distributed from the start."""
+    import healthmon
+    from healthmon.distributed import rank_state
+    net = Net(poison=Poison(1, 2))
+    mon = healthmon.watch(net)
+    before = rank_state(mon) is not None
+    init()
+    model = ddp(net)
+    try:
+        res = train(model, mon, 5, rank)
+    finally:
+        mon.remove()
+    state = rank_state(mon)
+    res.update(before=before, after=state is not None and state.world_size == world,
+               roles=sorted({role for _, role in mon._param_sites}))
+    return res
 
 
 def ddp_healthy_bucket_view(rank, world, out):

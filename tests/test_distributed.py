@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
 sys.path.insert(0, os.path.dirname(__file__))
 import _dist_worker as W  # noqa: E402
 
-DDP2 = ["ddp_healthy", "ddp_healthy_bucket_view", "ddp_forward_nan", "ddp_input_nan",
+DDP2 = ["lazy_init", "ddp_healthy", "ddp_healthy_bucket_view", "ddp_forward_nan", "ddp_input_nan",
         "ddp_backward_nan", "ddp_grad_only_nan", "warn_mode", "sync_mode", "mismatch_off",
         "mismatch_every"]
 FSDP2 = ["fsdp_healthy", "fsdp_forward_nan"]
@@ -84,6 +84,14 @@ def test_ddp_healthy_records_local_gradients(ddp2, scenario):
         assert r["n_checked"] == 6 * 7 and r["local_match"]
         assert r["reduced_differs"] > 6 * 5
         assert r["collectives"] == 6  # one flag all-reduce per checked step
+
+
+def test_process_group_initialised_after_watch(ddp2):
+    results = ddp2[0]["lazy_init"]
+    assert_all_stopped(results, 2, 1, "poison", "forward")
+    for r in results:
+        assert not r["before"] and r["after"]
+        assert r["roles"] == ["bias [before all-reduce]", "weight [before all-reduce]"]
 
 
 def test_ddp_forward_nan_stops_every_rank(ddp2):
