@@ -34,6 +34,9 @@ is the consumer just downstream), the anomaly names C with role ``grad_input`` a
 C's forward stack; when it is the first gradient of the step, it names M with role
 ``grad_output`` (the gradient arrived bad from code outside the watched modules, e.g. the
 loss) and carries M's forward stack.
+With torch.distributed initialised, ranks agree at every decoded step (one small
+all-reduce) and parameter gradients are recorded in their hook: see
+:mod:`healthmon.distributed`.
 """
 from __future__ import annotations
 
@@ -631,6 +634,8 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
         TypeError: ``model`` or ``more_modules`` not ``nn.Module``.
         ValueError: invalid option or ``HEALTHMON*`` value.
         RuntimeError: a module is already watched by a live monitor.
+        RankMismatchError: with torch.distributed initialised, the settings differ between
+            ranks (raised on every rank; see :mod:`healthmon.distributed`).
     """
     for m in (model,) + more_modules:
         if not isinstance(m, nn.Module):

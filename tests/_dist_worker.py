@@ -69,6 +69,7 @@ def run_group(world: int, scenarios: List[str], out: str, timeout: float) -> Dic
 def _main(rank: int, world: int, port: int, scenarios: List[str], out: str) -> None:
     for var in ENV:
         os.environ.pop(var, None)
+    os.environ["LOCAL_RANK"] = str(rank)  # as torchrun sets it
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
 

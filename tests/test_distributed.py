@@ -151,7 +151,9 @@ def test_rank_files_and_merged_report(ddp2, tmp_path):
         assert sorted(f for f in os.listdir(out) if f.startswith(base + ".")) == \
             [f"{base}.rank0.jsonl", f"{base}.rank1.jsonl"]
     records, anomalies, metas = read_jsonl(str(out / "fwd2.jsonl"))  # the base name
-    assert [(m["rank"], m["world_size"]) for m in metas] == [(0, 2), (1, 2)]
+    assert [(m["rank"], m["world_size"], m["local_rank"]) for m in metas] == \
+        [(0, 2, 0), (1, 2, 1)]
+    assert all(m["host"] for m in metas)
     assert {r["rank"] for r in records} == {0, 1}
     # only the rank that saw it logs the anomaly (no duplicates from healthy ranks)
     assert [(a["rank"], a["step"], a["site"]) for a in anomalies] == [(1, 3, "poison")]
@@ -215,3 +217,34 @@ def test_two_bad_ranks_earliest_phase_first(ddp4):
         elif rank != 3:
             assert head.endswith(f"this rank ({rank}) was healthy")
             assert "also bad at this step: rank 1 (NaN in grad of scale)" in e["message"]
+
+
+# --------------------------------------------------------------------------- no process group
+
+def test_original_names_drop_wrapper_components():
+    from torch import nn
+
+    from healthmon.distributed import named_modules
+
+    class Holder(nn.Module):  # a user's own child called "module" is kept
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+
+    inner = nn.Sequential(nn.Linear(2, 2), Holder())
+    for wrapped in (nn.DataParallel(inner), torch.compile(inner)):
+        assert [q for q, _ in named_modules(wrapped)] == ["", "", "0", "1", "1.module"]
+
+
+def test_expand_logs_finds_rank_files_in_rank_order(tmp_path):
+    from healthmon.sinks import JsonlSink, expand_logs, rank_path
+    base = str(tmp_path / "run.jsonl")
+    for rank in (10, 2, 0):
+        JsonlSink(rank_path(base, rank), rank=rank).close()
+    JsonlSink(str(tmp_path / "run2.rank1.jsonl"), rank=1).close()  # another run: not taken
+    want = [rank_path(base, r) for r in (0, 2, 10)]
+    assert expand_logs(base) == want
+    assert expand_logs(str(tmp_path / "run.rank*.jsonl")) == want
+    assert expand_logs([rank_path(base, 2)]) == [rank_path(base, 2)]
+    with pytest.raises(FileNotFoundError, match="nor rank files"):
+        expand_logs(str(tmp_path / "other.jsonl"))
