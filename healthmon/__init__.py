@@ -11,8 +11,10 @@ __version__ = "0.1.0"
 
 from .errors import Anomaly, HealthError  # noqa: E402
 from .monitor import Monitor, watch  # noqa: E402
+from .distributed import DistributedHealthError, RankMismatchError  # noqa: E402
 
-__all__ += ["watch", "Monitor", "HealthError", "Anomaly"]
+__all__ += ["watch", "Monitor", "HealthError", "Anomaly", "DistributedHealthError",
+            "RankMismatchError"]
 from .labels import LabelStats, check_dataset_labels, check_labels  # noqa: E402
 
 __all__ += ["check_labels", "check_dataset_labels", "LabelStats"]

@@ -21,7 +21,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     report = sub.add_parser("report", help="render PNG plots and an HTML page from JSONL logs")
     report.add_argument("logs", nargs="+", metavar="RUN.jsonl",
-                        help="healthmon JSONL logs (rank files; rotated files are included)")
+                        help="healthmon JSONL logs (rotated files are included); a base name "
+                             "run.jsonl stands for its rank files run.rank<R>.jsonl, which "
+                             "are merged; a quoted glob works too")
     report.add_argument("-o", "--out", default=None,
                         help="output directory (default: <first log>-report)")
     report.add_argument("--step", type=int, default=None,

@@ -47,8 +47,27 @@ def _walk(obj, role: str, depth: int, budget) -> Iterator[Tuple[str, torch.Tenso
             yield from _walk(getattr(obj, f.name, None), f"{role}.{f.name}", depth + 1, budget)
 
 
+def local_tensor(t):
+    """The tensor the kernels read for ``t``: a DTensor's local shard (``to_local()``, no
+    communication; FSDP2 parameters and gradients are DTensors), else ``t`` itself."""
+    if t is not None and type(t) is not torch.Tensor and _is_dtensor(t):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
 def unsupported(t: torch.Tensor):
-    """Why the monitor skips ``t`` (None when it can record it); never synchronises."""
+    """Why the monitor skips ``t`` (None when it can record it); never synchronises.
+    A DTensor is judged by its local shard, which is what the monitor records."""
+    t = local_tensor(t)
     if t.device.type == "meta":
         return "meta tensors have no data"
     from . import ops

@@ -39,6 +39,9 @@ is the consumer just downstream), the anomaly names C with role ``grad_input`` a
 C's forward stack; when it is the first gradient of the step, it names M with role
 ``grad_output`` (the gradient arrived bad from code outside the watched modules, e.g. the
 loss) and carries M's forward stack.
+With torch.distributed initialised, ranks agree at every decoded step (one small
+all-reduce) and parameter gradients are recorded in their hook: see
+:mod:`healthmon.distributed`.
 """
 from __future__ import annotations
 
@@ -51,11 +54,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import distributed as _distributed
 from . import labels, ops
 from ._layout import LABEL, NUM_LABEL, NUM_STATS
 from .config import Config, resolve
 from .errors import Anomaly, HealthError
-from .hooks import unsupported, walk
+from .hooks import local_tensor, unsupported, walk
 from .stacks import StackTable
 from .stats import TensorStats
 
@@ -155,7 +159,8 @@ class Monitor:
         self._modules: List[nn.Module] = []
         self._names: List[str] = []
         self._params: List[nn.Parameter] = []
-        self._param_sites: List[Tuple[int, str]] = []
+        self._param_sites: List[Tuple[int, str]] = []  # (module index, parameter name)
+        self._grad_roles: List[str] = []  # role of each parameter's ``grad`` records
         self._param_ids: set = set()
         self._sites: Dict[tuple, _Site] = {}
         self._bufs: Dict[torch.device, _DeviceBuffer] = {}
@@ -171,12 +176,14 @@ class Monitor:
         self._checked = 0
         self._opt_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._cur = _Step(0, True)
+        self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
+        _distributed.agree_settings(config)  # a collective on every rank, also when off
         if not config.enabled:
             return
         if config.log:
-            from .sinks import JsonlSink
-            self.sinks.append(JsonlSink(config.log))
+            self.sinks.append(_distributed.jsonl_sink(config.log))  # one file per rank
         self._attach(roots)
+        self._dist = _distributed.attach(self)
 
     # ----------------------------------------------------------------- setup / teardown
 
@@ -197,7 +204,7 @@ class Monitor:
         """Hook ``root`` and its submodules not hooked yet (site names ``prefix.qualname``)."""
         new = []
         known = {id(m) for m in self._modules}
-        for qual, mod in root.named_modules():
+        for qual, mod in _distributed.named_modules(root):  # without wrapper prefixes
             if id(mod) in known:
                 continue
             owner = _WATCHED.get(mod)
@@ -226,6 +233,7 @@ class Monitor:
                 self._param_ids.add(id(p))
                 self._params.append(p)
                 self._param_sites.append((i, pname))
+                self._grad_roles.append(pname)
                 self._handles.append(p.register_post_accumulate_grad_hook(
                     self._make_param_hook(len(self._params) - 1)))
             _WATCHED[mod] = self
@@ -325,6 +333,7 @@ class Monitor:
 
     def _record_ok(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
                    call: int, sid: int) -> None:
+        t = local_tensor(t)  # a DTensor's local shard (no communication)
         site = self._site(module, name, phase, role, call, t.device)
         ops.stats_into(t, self._bufs[t.device].records, site.slot)
         self._cur.order.append((site, sid))
@@ -335,6 +344,8 @@ class Monitor:
         # kwargs=None: torch calls a hook removed during its module's call without them
         if self._removed or _in_backward():
             return None
+        if self._dist is None and _distributed.initialized():  # initialised after watch()
+            self._dist = _distributed.attach(self, agree=True)
         cur = self._cur
         if cur.forward or cur.backward or cur.order:
             self._end_step()
@@ -405,11 +416,13 @@ class Monitor:
             if self._removed or not self._cur.active:
                 return None
             self._cur.backward = True
-            if self.config.sync:
-                module, pname = self._param_sites[pindex]
+            if self.config.sync or self._dist is not None:
+                # distributed: record now, before DDP's reducer (its hook runs after this
+                # one) all-reduces the gradient in place in a bucket view
+                module = self._param_sites[pindex][0]
                 if param.grad is not None:
-                    self._record(param.grad, module, self._names[module], "grad", pname, 0,
-                                 self._mod_stack[module])
+                    self._record(param.grad, module, self._names[module], "grad",
+                                 self._grad_roles[pindex], 0, self._mod_stack[module])
                 return None
             self._grad_queue[pindex] = None
             if not self._callback_queued:
@@ -429,15 +442,16 @@ class Monitor:
             return
         groups: Dict[torch.device, Tuple[list, list]] = {}
         for pindex in self._grad_queue:
-            g = self._params[pindex].grad
+            g = local_tensor(self._params[pindex].grad)
             if g is None:
                 continue
             reason = unsupported(g)
             if reason is not None:
                 self._skip(reason)
                 continue
-            module, pname = self._param_sites[pindex]
-            site = self._site(module, self._names[module], "grad", pname, 0, g.device)
+            module = self._param_sites[pindex][0]
+            site = self._site(module, self._names[module], "grad", self._grad_roles[pindex], 0,
+                              g.device)
             xs, slots = groups.setdefault(g.device, ([], []))
             xs.append(g)
             slots.append(site.slot)
@@ -470,7 +484,10 @@ class Monitor:
         cur.label_meta[site] = meta
         cur.order.append((site, sid))
         records = self._bufs[target.device].records
-        if self.config.sync or target.device.type in labels.SYNC_CHECK_DEVICES:
+        # distributed: never raise on one rank alone (the others would hang in the next
+        # collective); the record is agreed on at the step boundary like any other
+        if self._dist is None and (self.config.sync or
+                                   target.device.type in labels.SYNC_CHECK_DEVICES):
             record = ops.label_record(target, num_classes, ignore_index)
             records[site.slot, :NUM_LABEL].copy_(record)
             row = record.tolist()
@@ -504,7 +521,7 @@ class Monitor:
             module, pname = self._param_sites[pindex]
             site = self._site(module, self._names[module], "param", pname, 0, p.device)
             xs, slots = groups.setdefault(p.device, ([], []))
-            xs.append(p.detach())
+            xs.append(local_tensor(p.detach()))  # FSDP2: this rank's shard
             slots.append(site.slot)
             order.append((site, sid))
         for device, (xs, slots) in groups.items():
@@ -542,6 +559,8 @@ class Monitor:
         if not self._removed:
             self._end_step()
             self._decode_pending()
+            if self._dist is not None:
+                self._dist.flush()  # the agreement still in flight (CUDA)
         new = self.anomalies[self._checked:]
         self._checked = len(self.anomalies)
         return new
@@ -588,7 +607,8 @@ class Monitor:
             row = hosts[site.device][site.slot]
             if site.phase == "label":
                 meta = step.label_meta[site]
-                if row[LABEL["bad"]] and not meta[4] and not self.config.sync:
+                if row[LABEL["bad"]] and not meta[4] and (not self.config.sync or
+                                                          self._dist is not None):
                     stats = labels.LabelStats.from_record(row[:NUM_LABEL], *meta[:4])
                     anomaly = labels.label_anomaly(stats, site.name, self._stacks.frames(sid),
                                                    step.index)
@@ -620,7 +640,9 @@ class Monitor:
             dicts = self._row_dicts(rows)
             for sink in self.sinks:
                 sink.write_step(step.index, dicts)
-        if first is not None and not self.config.sync:
+        if self._dist is not None and apply_policy:  # every rank takes the same branch
+            self._dist.settle(step.index, first, reported=self.config.sync)
+        elif first is not None and not self.config.sync:
             self._report(first, apply_policy)
 
     @staticmethod
@@ -645,7 +667,7 @@ class Monitor:
                        kind=self._bad(site, row), stats=TensorStats.from_record(row),
                        stack=self._stacks.frames(stack_id),
                        last_healthy=TensorStats.from_record(last) if last is not None else None,
-                       call=call,
+                       call=call, rank=self._dist.rank if self._dist is not None else None,
                        module_type=type(self._modules[module]).__name__ if module >= 0 else "")
 
     def _check_now(self, site: _Site, sid: int) -> None:
@@ -663,7 +685,7 @@ class Monitor:
             cur.anomaly.consequences.append(anomaly)
             return
         cur.anomaly = anomaly
-        self._report(anomaly, True)
+        self._report(anomaly, self._dist is None)  # distributed: raise at the boundary
 
     def _report(self, anomaly: Anomaly, apply_policy: bool) -> None:
         if len(self.anomalies) < MAX_ANOMALIES:
@@ -747,6 +769,8 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
         TypeError: ``model`` or ``more_modules`` not ``nn.Module``.
         ValueError: invalid option or ``HEALTHMON*`` value.
         RuntimeError: a module is already watched by a live monitor.
+        RankMismatchError: with torch.distributed initialised, the settings differ between
+            ranks (raised on every rank; see :mod:`healthmon.distributed`).
     """
     for m in (model,) + more_modules:
         if not isinstance(m, nn.Module):

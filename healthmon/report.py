@@ -12,7 +12,7 @@ import os
 import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .sinks import read_jsonl
+from .sinks import expand_logs, read_jsonl
 from .summary import format_summary, row_name, truncate_middle
 
 GRAD_PHASES = ("grad", "backward")
@@ -222,7 +222,9 @@ def render_report(jsonl_paths, out_dir: str, step: Optional[int] = None) -> str:
     """Render PNG plots and ``index.html`` from healthmon JSONL logs; returns the HTML path.
 
     Args:
-        jsonl_paths: one path or several (rank files; rotated files are picked up).
+        jsonl_paths: one path or several (rank files; rotated files are picked up), or a
+            base name ``run.jsonl`` / glob that stands for the rank files
+            ``run.rank<R>.jsonl`` (see :func:`healthmon.sinks.expand_logs`).
         out_dir: created if missing; PNGs: ``grad_norms.png`` (parameter-gradient norms, or
             output-gradient norms when no parameter gradients were recorded),
             ``activations.png`` (rms and abs-max of forward outputs), ``weight_norms.png``
@@ -233,6 +235,7 @@ def render_report(jsonl_paths, out_dir: str, step: Optional[int] = None) -> str:
     Raises:
         ValueError: when the logs hold no records, or none at ``step``.
     """
+    jsonl_paths = expand_logs(jsonl_paths)
     records, anomalies, metas = read_jsonl(jsonl_paths)
     if not records:
         raise ValueError(f"no records in {jsonl_paths!r}")

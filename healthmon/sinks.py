@@ -14,10 +14,12 @@ NaN or ±Inf; the JSONL sink writes them as the strings ``"nan"``, ``"inf"``, ``
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
@@ -149,6 +151,7 @@ class JsonlSink(Sink):
         backups: rotated files kept (``path.1`` newest ... ``path.N`` oldest); 0 truncates.
         rank, world_size: written into the header and every record (None when not
             distributed).
+        local_rank: written into the header (the launcher's ``LOCAL_RANK``), with the host.
         flush_interval: seconds between flushes of step records (anomalies and
             :meth:`close` always flush and fsync; lines are never fsynced one by one).
         every: write the records of every ``every``-th step only (anomalies always).
@@ -160,7 +163,7 @@ class JsonlSink(Sink):
     def __init__(self, path: Union[str, os.PathLike], max_bytes: Optional[int] = 64 << 20,
                  backups: int = 3, rank: Optional[int] = None,
                  world_size: Optional[int] = None, flush_interval: float = 2.0,
-                 every: int = 1):
+                 every: int = 1, local_rank: Optional[int] = None):
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
         if backups < 0:
@@ -168,7 +171,7 @@ class JsonlSink(Sink):
         self.path = os.fspath(path)
         self.max_bytes = max_bytes or None
         self.backups = int(backups)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.flush_interval = float(flush_interval)
         self.every = max(1, int(every))
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -184,7 +187,8 @@ class JsonlSink(Sink):
         return {"type": "meta", "version": FORMAT_VERSION,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": time.time(),
                 "host": socket.gethostname(), "pid": os.getpid(), "rank": self.rank,
-                "world_size": self.world_size, "torch": torch.__version__}
+                "world_size": self.world_size, "local_rank": self.local_rank,
+                "torch": torch.__version__}
 
     def _open(self) -> None:
         self._file = open(self.path, "wb")
@@ -260,21 +264,61 @@ def _rotated_in_order(path: str) -> List[str]:
     return older[::-1] + ([path] if os.path.exists(path) else [])
 
 
+def expand_logs(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+                ) -> List[str]:
+    """The log files named by ``paths``: an existing file (or one with rotated files) as is;
+    a glob pattern (``"run.rank*.jsonl"``) expanded; a base name whose file does not exist
+    (``run.jsonl``) replaced by its rank files ``run.rank<R>.jsonl``, in rank order.
+
+    Raises:
+        FileNotFoundError: a path that names no log, naming what was looked for.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: List[str] = []
+    for path in paths:
+        path = os.fspath(path)
+        if _rotated_in_order(path):
+            out.append(path)
+            continue
+        if glob.has_magic(path):
+            found = sorted(glob.glob(path), key=_rank_order)
+        else:
+            root, ext = os.path.splitext(path)
+            pattern = re.compile(re.escape(os.path.basename(root)) + r"\.rank(\d+)"
+                                 + re.escape(ext) + "$")
+            folder = os.path.dirname(path) or "."
+            found = sorted((os.path.join(os.path.dirname(path), f) for f in os.listdir(folder)
+                            if pattern.match(f)) if os.path.isdir(folder) else [],
+                           key=_rank_order)
+        if not found:
+            raise FileNotFoundError(f"no healthmon log at {path!r} (nor rank files "
+                                    f"{rank_path(path, 0)!r}, ...)")
+        out.extend(found)
+    return out
+
+
+def _rank_order(path: str):
+    m = re.search(r"\.rank(\d+)(\.[^./]*)?$", path)
+    return (0, int(m.group(1)), path) if m else (1, 0, path)
+
+
 def read_jsonl(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
                ) -> Tuple[List[dict], List[dict], List[dict]]:
     """Read and merge JSONL logs: ``(records, anomalies, metas)``.
 
-    ``paths`` is one path or several (e.g. one per rank); each path's rotated files
+    ``paths`` is one path or several (e.g. one per rank), or a base name / glob that
+    :func:`expand_logs` turns into the rank files; each path's rotated files
     (``path.N`` ... ``path.1``) are read before it, oldest first. Records are sorted by
-    step (stable: file and execution order kept within a step); encoded NaN/Inf become
-    floats again. Records without a rank get the rank of their file's header. A truncated
-    last line (a crash mid-write) is skipped.
+    step (stable: file and execution order kept within a step); anomalies by step, then
+    phase (input, forward, backward, grad: the first rank's anomaly first). Encoded NaN/Inf
+    become floats again. Records without a rank get the rank of their file's header. A
+    truncated last line (a crash mid-write) is skipped.
 
     Raises:
-        FileNotFoundError: when a path and its rotated files are all missing.
+        FileNotFoundError: when a path names no log (nor rank files, nor glob matches).
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
+    paths = expand_logs(paths)
     records: List[dict] = []
     anomalies: List[dict] = []
     metas: List[dict] = []
@@ -308,6 +352,8 @@ def read_jsonl(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
                         file_rank = obj.get("rank")
                         metas.append(obj)
     records.sort(key=lambda r: r.get("step", 0))
+    from .distributed import PHASE_ORDER
+    anomalies.sort(key=lambda a: (a.get("step") or 0, PHASE_ORDER.get(a.get("phase"), 9)))
     return records, anomalies, metas
 
 
