@@ -46,8 +46,6 @@ all-reduce) and parameter gradients are recorded in their hook: see
 from __future__ import annotations
 
 import fnmatch
-import logging
-import warnings
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -56,86 +54,22 @@ from torch import nn
 
 from . import distributed as _distributed
 from . import labels, ops
-from ._layout import LABEL, NUM_LABEL, NUM_STATS
+from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
-from .errors import Anomaly, HealthError
+from .errors import Anomaly
 from .hooks import local_tensor, unsupported, walk
+from .decode import Decoder
+from .records import DeviceBuffer, Site, Step
 from .stacks import StackTable
-from .stats import TensorStats
 
-_log = logging.getLogger("healthmon")
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
-MAX_ANOMALIES = 1000
 
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() >= 0
 
 
-class _Site:
-    __slots__ = ("name", "phase", "role", "call", "module", "device", "slot", "allow_inf",
-                 "last_healthy")
-
-    def __init__(self, name, phase, role, call, module, device, slot, allow_inf):
-        self.name, self.phase, self.role, self.call = name, phase, role, call
-        self.module, self.device, self.slot, self.allow_inf = module, device, slot, allow_inf
-        self.last_healthy = None
-
-
-class _DeviceBuffer:
-    """Record rows of one device, and their host copy."""
-
-    def __init__(self, device: torch.device, capacity: int = 64):
-        self.device = device
-        self.records = torch.zeros(capacity, NUM_STATS, dtype=torch.float64, device=device)
-        self.used = 0
-        self.host: Optional[torch.Tensor] = None
-        self.event = None
-
-    def new_slot(self) -> int:
-        if self.used == self.records.shape[0]:
-            grown = torch.zeros(2 * self.used, NUM_STATS, dtype=torch.float64,
-                                device=self.device)
-            grown[:self.used].copy_(self.records)
-            self.records = grown
-        self.used += 1
-        return self.used - 1
-
-    def copy_to_host(self) -> None:
-        n = self.used
-        if self.device.type == "cpu":
-            self.host = self.records[:n].clone()
-            return
-        if self.host is None or self.host.shape[0] < n:
-            self.host = torch.empty(self.records.shape[0], NUM_STATS, dtype=torch.float64,
-                                    pin_memory=True)
-        self.host[:n].copy_(self.records[:n], non_blocking=True)
-        self.event = torch.cuda.Event() if self.device.type == "cuda" else None
-        if self.event is not None:
-            self.event.record()
-
-    def wait(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-            self.event = None
-
-
-class _Step:
-    __slots__ = ("index", "active", "order", "forward", "backward", "anomaly", "prev_bwd",
-                 "label_calls", "label_meta")
-
-    def __init__(self, index: int, active: bool):
-        self.index, self.active = index, active
-        self.order: List[Tuple[_Site, int]] = []  # (site, stack id) in execution order
-        self.forward = False   # a root forward ran in this step
-        self.backward = False  # a gradient arrived in this step
-        self.anomaly: Optional[Anomaly] = None  # sync mode: first anomaly of the step
-        self.prev_bwd = None   # sync mode: last healthy backward record (site, stack id)
-        self.label_calls: Dict[str, int] = {}  # loss name -> calls so far
-        self.label_meta: Dict[_Site, list] = {}  # [shape, dtype, classes, ignore, reported]
-
-
-class Monitor:
+class Monitor(Decoder):
     """Watches modules' inputs, outputs, gradients and parameter gradients.
 
     Create it with :func:`watch`. Attributes: ``anomalies`` (list of Anomaly, oldest
@@ -162,20 +96,20 @@ class Monitor:
         self._param_sites: List[Tuple[int, str]] = []  # (module index, parameter name)
         self._grad_roles: List[str] = []  # role of each parameter's ``grad`` records
         self._param_ids: set = set()
-        self._sites: Dict[tuple, _Site] = {}
-        self._bufs: Dict[torch.device, _DeviceBuffer] = {}
+        self._sites: Dict[tuple, Site] = {}
+        self._bufs: Dict[torch.device, DeviceBuffer] = {}
         self._stacks = StackTable()
         self._mod_stack: List[int] = []
         self._calls: List[int] = []
         self._seen: Dict[int, tuple] = {}  # id(tensor) -> (weakref, recorded fwd, hooked bwd)
         self._grad_queue: Dict[int, None] = {}
         self._callback_queued = False
-        self._pending: Optional[_Step] = None
-        self._last_rows: List[Tuple[_Site, list]] = []
+        self._pending: Optional[Step] = None
+        self._last_rows: List[Tuple[Site, list]] = []
         self._last_step: Optional[int] = None
         self._checked = 0
         self._opt_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-        self._cur = _Step(0, True)
+        self._cur = Step(0, True)
         self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
         _distributed.agree_settings(config)  # a collective on every rank, also when off
         if not config.enabled:
@@ -306,17 +240,17 @@ class Monitor:
     # ----------------------------------------------------------------- recording
 
     def _site(self, module: int, name: str, phase: str, role: str, call: int,
-              device: torch.device) -> _Site:
+              device: torch.device) -> Site:
         key = (module, name, phase, role, call, device)
         site = self._sites.get(key)
         if site is None:
             buf = self._bufs.get(device)
             if buf is None:
-                buf = self._bufs[device] = _DeviceBuffer(device)
+                buf = self._bufs[device] = DeviceBuffer(device)
             allow = phase in ("forward", "input") and any(
                 fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(f"{name}.{role}", pat)
                 for pat in self._allow_inf)
-            site = self._sites[key] = _Site(name, phase, role, call, module, device,
+            site = self._sites[key] = Site(name, phase, role, call, module, device,
                                             buf.new_slot(), allow)
         return site
 
@@ -437,28 +371,39 @@ class Monitor:
     def _flush_grads(self) -> None:
         """Record the queued parameter gradients: one multi-tensor op per device."""
         self._callback_queued = False
-        if self._removed or not self._grad_queue:
-            self._grad_queue.clear()
-            return
+        if not self._removed and self._grad_queue:
+            self._record_param_tensors(
+                "grad", ((i, self._params[i].grad) for i in self._grad_queue), None)
+        self._grad_queue.clear()
+
+    def _record_param_tensors(self, phase: str, items, sid: Optional[int]) -> None:
+        """Record ``(parameter index, tensor)`` pairs (gradients or weights) as ``phase``
+        sites with one multi-tensor op per device; ``sid`` None: the stack of each
+        parameter's module forward call. DTensors (FSDP2) are recorded by their local shard."""
         groups: Dict[torch.device, Tuple[list, list]] = {}
-        for pindex in self._grad_queue:
-            g = local_tensor(self._params[pindex].grad)
-            if g is None:
+        order = self._cur.order
+        added = []
+        for pindex, t in items:
+            t = local_tensor(t)
+            if t is None:
                 continue
-            reason = unsupported(g)
+            reason = unsupported(t)
             if reason is not None:
                 self._skip(reason)
                 continue
-            module = self._param_sites[pindex][0]
-            site = self._site(module, self._names[module], "grad", self._grad_roles[pindex], 0,
-                              g.device)
-            xs, slots = groups.setdefault(g.device, ([], []))
-            xs.append(g)
+            module, pname = self._param_sites[pindex]
+            role = self._grad_roles[pindex] if phase == "grad" else pname
+            site = self._site(module, self._names[module], phase, role, 0, t.device)
+            xs, slots = groups.setdefault(t.device, ([], []))
+            xs.append(t)
             slots.append(site.slot)
-            self._cur.order.append((site, self._mod_stack[module]))
-        self._grad_queue.clear()
+            added.append((site, self._mod_stack[module] if sid is None else sid))
+        order.extend(added)
         for device, (xs, slots) in groups.items():
             ops.multi_stats_into(xs, self._bufs[device].records, slots)
+        if self.config.sync:
+            for site, site_sid in added:
+                self._check_now(site, site_sid)
 
     def _check_loss_target(self, loss: str, input: torch.Tensor, target: torch.Tensor,
                            num_classes: int, ignore_index: int) -> Optional[torch.Tensor]:
@@ -510,25 +455,8 @@ class Monitor:
         """Phase ``param``: every watched parameter as the step ends (after the optimizer's
         update when the boundary is its step hook): one multi-tensor op per device.
         Diverging weights show here before they poison the next forward."""
-        sid = self._stacks.capture(2)
-        groups: Dict[torch.device, Tuple[list, list]] = {}
-        order = self._cur.order
-        for pindex, p in enumerate(self._params):
-            reason = unsupported(p)
-            if reason is not None:
-                self._skip(reason)
-                continue
-            module, pname = self._param_sites[pindex]
-            site = self._site(module, self._names[module], "param", pname, 0, p.device)
-            xs, slots = groups.setdefault(p.device, ([], []))
-            xs.append(local_tensor(p.detach()))  # FSDP2: this rank's shard
-            slots.append(site.slot)
-            order.append((site, sid))
-        for device, (xs, slots) in groups.items():
-            ops.multi_stats_into(xs, self._bufs[device].records, slots)
-        if self.config.sync:
-            for site, site_sid in order[len(order) - sum(len(g[0]) for g in groups.values()):]:
-                self._check_now(site, site_sid)
+        self._record_param_tensors("param", ((i, p.detach()) for i, p in enumerate(self._params)),
+                                   self._stacks.capture(2))
 
     def _optimizer_hook(self, optimizer, args, kwargs) -> None:
         if self._removed:
@@ -574,7 +502,7 @@ class Monitor:
         if cur.active and cur.backward and self._params:  # training steps only
             self._record_params()
         self.step_index = cur.index + 1
-        self._cur = _Step(self.step_index, self.step_index % self.config.every == 0)
+        self._cur = Step(self.step_index, self.step_index % self.config.every == 0)
         self._calls = [0] * len(self._modules)
         self._seen = {}
         if not cur.order:
@@ -593,154 +521,6 @@ class Monitor:
         step, self._pending = self._pending, None
         if step is not None:
             self._decode(step, apply_policy)
-
-    # ----------------------------------------------------------------- decoding / policy
-
-    def _decode(self, step: _Step, apply_policy: bool) -> None:
-        for buf in self._bufs.values():
-            buf.wait()
-        hosts = {d: b.host.tolist() for d, b in self._bufs.items() if b.host is not None}
-        rows = []
-        first: Optional[Anomaly] = step.anomaly
-        prev_bwd = None
-        for site, sid in step.order:
-            row = hosts[site.device][site.slot]
-            if site.phase == "label":
-                meta = step.label_meta[site]
-                if row[LABEL["bad"]] and not meta[4] and (not self.config.sync or
-                                                          self._dist is not None):
-                    stats = labels.LabelStats.from_record(row[:NUM_LABEL], *meta[:4])
-                    anomaly = labels.label_anomaly(stats, site.name, self._stacks.frames(sid),
-                                                   step.index)
-                    if first is None:
-                        first = anomaly
-                    else:
-                        first.consequences.append(anomaly)
-                continue
-            rows.append((site, row))
-            bad = self._bad(site, row)
-            if not bad:
-                site.last_healthy = row
-                if site.phase == "backward":
-                    prev_bwd = (site, sid)
-                continue
-            if self.config.sync:
-                continue  # already reported by its hook
-            # consequences keep their own site: prev_bwd is the last *healthy* consumer, a
-            # blame that only holds for the first bad gradient
-            anomaly = self._anomaly(site, row, sid, step.index,
-                                    prev_bwd if first is None else None)
-            if first is None:
-                first = anomaly
-            else:
-                first.consequences.append(anomaly)
-        self._last_rows = rows
-        self._last_step = step.index
-        if self.sinks:
-            dicts = self._row_dicts(rows)
-            for sink in self.sinks:
-                sink.write_step(step.index, dicts)
-        if self._dist is not None and apply_policy:  # every rank takes the same branch
-            self._dist.settle(step.index, first, reported=self.config.sync)
-        elif first is not None and not self.config.sync:
-            self._report(first, apply_policy)
-
-    @staticmethod
-    def _bad(site: _Site, row: list) -> Optional[str]:
-        if row[1]:
-            return "nan"
-        if (row[2] or row[3]) and not site.allow_inf:
-            return "inf"
-        return None
-
-    def _anomaly(self, site: _Site, row: list, sid: int, step: int, prev_bwd) -> Anomaly:
-        name, role, stack_id, call = site.name, site.role, sid, site.call
-        module = site.module
-        if site.phase == "backward" and prev_bwd is not None and prev_bwd[0].module != site.module:
-            consumer, consumer_sid = prev_bwd
-            name, call, stack_id = consumer.name, consumer.call, consumer_sid
-            module = consumer.module
-            which = site.role[len("grad_"):] if site.role.startswith("grad_") else site.role
-            role = f"grad_input (gradient of {site.name} {which})"
-        last = site.last_healthy
-        return Anomaly(site=name, phase=site.phase, role=role, step=step,
-                       kind=self._bad(site, row), stats=TensorStats.from_record(row),
-                       stack=self._stacks.frames(stack_id),
-                       last_healthy=TensorStats.from_record(last) if last is not None else None,
-                       call=call, rank=self._dist.rank if self._dist is not None else None,
-                       module_type=type(self._modules[module]).__name__ if module >= 0 else "")
-
-    def _check_now(self, site: _Site, sid: int) -> None:
-        """Sync mode: read the record just written and report it if bad (raises here)."""
-        row = self._bufs[site.device].records[site.slot].tolist()
-        cur = self._cur
-        if not self._bad(site, row):
-            site.last_healthy = row
-            if site.phase == "backward":
-                cur.prev_bwd = (site, sid)
-            return
-        anomaly = self._anomaly(site, row, sid, cur.index,
-                                cur.prev_bwd if cur.anomaly is None else None)
-        if cur.anomaly is not None:
-            cur.anomaly.consequences.append(anomaly)
-            return
-        cur.anomaly = anomaly
-        self._report(anomaly, self._dist is None)  # distributed: raise at the boundary
-
-    def _report(self, anomaly: Anomaly, apply_policy: bool) -> None:
-        if len(self.anomalies) < MAX_ANOMALIES:
-            self.anomalies.append(anomaly)
-        else:
-            self.dropped_anomalies += 1
-        for sink in self.sinks:
-            sink.write_anomaly(anomaly)
-        if not apply_policy:
-            return
-        mode = self.config.on_anomaly
-        if mode == "raise":
-            raise HealthError(anomaly)
-        if mode == "warn":
-            warnings.warn(anomaly.report(), RuntimeWarning, stacklevel=2)
-        else:
-            _log.error("%s", anomaly.report())
-
-    # ----------------------------------------------------------------- inspection
-
-    @staticmethod
-    def _row_dicts(rows) -> List[dict]:
-        out = []
-        for order, (site, row) in enumerate(rows):
-            d = {"site": site.name, "phase": site.phase, "role": site.role,
-                 "call": site.call, "order": order}
-            d.update(TensorStats.from_record(row).as_dict())
-            out.append(d)
-        return out
-
-    def records(self) -> List[dict]:
-        """Rows of the last decoded step, in execution order (see :mod:`healthmon.sinks`)."""
-        return self._row_dicts(self._last_rows)
-
-    def summary(self, width: Optional[int] = None, limit: Optional[int] = None) -> str:
-        """Per-site table of the last decoded step (worst first), plus skipped tensors."""
-        from .summary import format_summary
-        if not self.config.enabled:
-            return "healthmon is off (HEALTHMON=off): nothing recorded"
-        head = f"healthmon: step {self._last_step}" if self._last_step is not None \
-            else "healthmon: no step decoded yet (call mon.check())"
-        text = head + "\n" + format_summary(self.records(), width=width, limit=limit)
-        if self.skipped:
-            text += "\nskipped (not recorded): " + "; ".join(
-                f"{n} x {reason}" for reason, n in sorted(self.skipped.items()))
-        return text
-
-    @property
-    def num_sites(self) -> int:
-        return len(self._sites)
-
-    def buffer_bytes(self) -> int:
-        """Bytes of the device record buffers (bounded by the number of sites)."""
-        return sum(b.records.numel() * b.records.element_size() for b in self._bufs.values())
-
 
 def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = None,
           sync: Optional[bool] = None, on_anomaly: Optional[str] = None, log=None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 

@@ -81,7 +81,7 @@ def _inside_hot_hook() -> bool:
     hot = False
     while f is not None:
         name = f.f_code.co_name
-        if f.f_code.co_filename.endswith("healthmon/monitor.py"):
+        if f.f_code.co_filename.endswith(("healthmon/monitor.py", "healthmon/decode.py")):
             if name in _BOUNDARY:
                 return False  # step boundaries may synchronise
             hot = hot or name in _HOT
