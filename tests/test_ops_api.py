@@ -66,6 +66,15 @@ def test_compiles_under_torch_compile():
     assert torch.equal(compiled(x), f(x))
 
 
+
+def run_without_extension(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with HEALTHMON_NO_EXT=1 (the fallback path)."""
+    env = dict(os.environ, HEALTHMON_NO_EXT="1", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out
+
 def test_tensor_stats_properties():
     s = healthmon.stats(torch.tensor([3.0, -4.0, math.nan, math.inf, 0.0]))
     assert (s.numel, s.nan, s.posinf, s.neginf, s.zeros, s.finite) == (5, 1, 1, 0, 1, 3)
@@ -140,10 +149,7 @@ def test_fallback_to_reference_warns_once_and_agrees():
         "    s = healthmon.stats(x); healthmon.stats(x)\n"
         "    ops.label_record(torch.tensor([0, 9]), 3)\n"
         "print(healthmon.extension_available(), s.nan, s.neginf, s.zeros, s.max)\n")
-    env = dict(os.environ, HEALTHMON_NO_EXT="1", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_without_extension(code)
     assert out.stdout.split() == ["False", "1", "1", "1", "1.0"]
 
 
@@ -209,10 +215,7 @@ def test_fallback_refuses_repeated_slots():
         "print('untouched', bool((records == 0).all()))\n"
         "ops.multi_stats_into([x, x * 2], records, [1, 2])\n"
         "print('written', records[1, 0].item(), records[2, 0].item())\n")
-    env = dict(os.environ, HEALTHMON_NO_EXT="1", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         cwd=ROOT, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_without_extension(code)
     lines = out.stdout.splitlines()
     assert lines[0].startswith("refused:") and "slot 1" in lines[0] and "more than once" in lines[0]
     assert lines[1:] == ["untouched True", "written 5.0 5.0"]
