@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.healthmon-setup
 
-.PHONY: setup build test demo bench bench-kernels clean
+.PHONY: setup build test demo bench bench-kernels gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,11 +26,21 @@ test: build
 demo: build
 	$(PY) -m healthmon demo
 
+# Benchmarks print ratio tables and write JSON under $(RESULTS) (gitignored).
+RESULTS ?= bench/results
+
 bench-kernels: build
-	$(PY) bench/kernels.py
+	mkdir -p $(RESULTS)
+	$(PY) bench/kernels.py --json $(RESULTS)/kernels_cpu.json
 
 bench: build
-	$(PY) bench/overhead.py
+	mkdir -p $(RESULTS)
+	$(PY) bench/overhead.py --json $(RESULTS)/overhead_cpu.json
+
+# On a machine with a CUDA GPU, CUDA torch and nvcc: CUDA build + CUDA tests + both benches
+# (healthmon async / sync / off included) + targets; PYTHON=... to pick the interpreter.
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf build healthmon/_C*.so *.egg-info

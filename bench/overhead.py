@@ -13,13 +13,16 @@ Variants (each on its own copy of the model and optimizer, hooks attached for th
 
 Steps of every variant are interleaved round by round (A B C D E F, then B C D E F A, ...)
 after a warm-up; the table reports the median step time ratio to (a) measured in the same run
-(absolute times only on a GPU). A detection matrix then injects NaN / Inf into one forward
-output and one gradient of a small model and records which variant notices, so the
-comparison is fair about what each variant actually checks.
+(absolute times only on a GPU). The monitor's loss guard is process-wide, so each step hands
+it to the monitor of the variant being stepped (as if each variant ran alone). A detection
+matrix then injects NaN / Inf into a forward output, an activation gradient and a parameter
+gradient of a small model and records which variant notices and where the monitor says the
+value came from, so the comparison is fair about what each variant actually checks.
 
     python bench/overhead.py                          # CPU: mlp, unet, transformer
     python bench/overhead.py --device cuda            # GPU: gpt2, resnet50 (bf16 autocast)
-    python bench/overhead.py --models transformer --rounds 5 --json /tmp/o.json
+    python bench/overhead.py --models transformer --rounds 5 --json bench/results/o.json
+    python bench/overhead.py --threads 1 ...          # one torch thread (shared machines)
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ import torch.nn as nn
 import _timing as T  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 import healthmon  # noqa: E402
+from healthmon import labels as hm_labels  # noqa: E402
+from healthmon.errors import HealthError  # noqa: E402
 import models as M  # noqa: E402
 from kernels import naive_stats  # noqa: E402
 
@@ -49,9 +54,12 @@ LETTER = dict(zip(VARIANTS, "abcdef"))
 # What each variant checks (the fairness column of the table).
 CHECKS = {
     "none": "nothing",
-    "async": "NaN, +Inf, -Inf, zeros, finite min/max/sum/sumsq/absmax of every module output, "
-             "output gradient and parameter gradient; reported at the step boundary, no sync",
-    "sync": "same statistics as async; checked inside each hook (raises at the producing line)",
+    "async": "NaN, +Inf, -Inf, zeros, finite min/max/sum/sumsq/absmax of the model inputs, "
+             "every module output, output gradient, parameter gradient and (after the "
+             "optimizer step) every parameter, plus cross_entropy labels; reported at the step "
+             "boundary, no host sync",
+    "sync": "same records as async; each checked inside its hook (raises at the producing "
+            "line)",
     "anomaly": "NaN only (not Inf) in the outputs of every backward function; forward values "
                "are not checked (it records forward stacks)",
     "naive": "same statistics as healthmon (plain-torch composite) on the same tensors; one "
@@ -146,6 +154,23 @@ def _watch(model: nn.Module, mode: str):
     raise ValueError(mode)
 
 
+# The monitor's loss guard (label check of cross_entropy / nll_loss targets) is process-wide:
+# it wraps torch's loss entry points and hands every call to the most recently created live
+# monitor. A real job has one monitor; here up to two (async, sync) live side by side, so
+# without this every variant's loss -- the baseline's included -- would be label-checked by
+# the sync monitor (a host sync per step on a GPU). Each step therefore gives the guard to
+# the monitor of the variant being stepped, and to nobody for the other variants.
+_LIVE_MONITORS: List[object] = []
+
+
+def _own_loss_guard(mon) -> None:
+    for m in _LIVE_MONITORS:
+        if m is not mon:
+            hm_labels.uninstall_loss_guard(m)
+    if mon is not None and mon.active:
+        hm_labels.install_loss_guard(mon)
+
+
 def _call(obj, name: str) -> None:
     fn = getattr(obj, name, None) if obj is not None else None
     if callable(fn):
@@ -168,8 +193,11 @@ class Runner:
         self.mon = None
         self.hooks = None
         self.phase: Optional[str] = None  # where the current step is (for the detection matrix)
+        self.error: Optional[BaseException] = None  # what finish() caught
         if variant in ("async", "sync", "off"):
             self.mon = _watch(self.model, variant)
+            if self.mon.active:
+                _LIVE_MONITORS.append(self.mon)
         elif variant == "naive":
             self.hooks = NaiveHooks(self.model)
 
@@ -188,6 +216,7 @@ class Runner:
         return loss
 
     def step(self):
+        _own_loss_guard(self.mon)
         if self.variant == "anomaly":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -207,11 +236,15 @@ class Runner:
     def finish(self) -> Optional[str]:
         """Flush the monitor (raises on an anomaly) and detach everything; error text or None."""
         err = None
+        _own_loss_guard(self.mon)
         try:
             _call(self.mon, "check")
         except Exception as exc:
             err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self.error = exc
         _call(self.mon, "remove")
+        if self.mon in _LIVE_MONITORS:
+            _LIVE_MONITORS.remove(self.mon)
         if self.hooks is not None:
             self.hooks.remove()
         return err
@@ -295,6 +328,8 @@ def check_no_host_sync(spec: M.BenchModel, device: torch.device) -> dict:
 # --------------------------------------------------------------------------- detection
 
 class _GradInject(torch.autograd.Function):
+    """Identity forward; the backward writes ``value`` into the first gradient element."""
+
     @staticmethod
     def forward(ctx, x, value):
         ctx.value = value
@@ -308,62 +343,108 @@ class _GradInject(torch.autograd.Function):
 
 
 class Inject(nn.Module):
-    """Identity; optionally writes a NaN / Inf into its output, or into its input gradient."""
+    """``x * scale`` (``scale`` a parameter of ones); optionally writes a NaN / Inf into its
+    output (forward), into the gradient of its input (backward: the gradient of the previous
+    module's output), or into the gradient of ``scale`` only (param grad: every activation
+    gradient stays finite)."""
 
-    def __init__(self):
+    def __init__(self, width: int):
         super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
         self.fwd_value: Optional[float] = None
         self.bwd_value: Optional[float] = None
+        self.param_value: Optional[float] = None
 
     def forward(self, x):
+        if self.bwd_value is not None:
+            x = _GradInject.apply(x, self.bwd_value)
+        scale = self.scale
+        if self.param_value is not None:
+            scale = _GradInject.apply(scale, self.param_value)
+        x = x * scale
         if self.fwd_value is not None:
             x = x.clone()
             x.view(-1)[0] = self.fwd_value
-        if self.bwd_value is not None:
-            x = _GradInject.apply(x, self.bwd_value)
         return x
 
 
+DETECTION_CASES = {
+    "forward NaN": ("fwd", math.nan), "forward Inf": ("fwd", math.inf),
+    "backward NaN": ("bwd", math.nan), "backward Inf": ("bwd", math.inf),
+    "param grad NaN": ("param", math.nan), "param grad Inf": ("param", math.inf),
+}
+
+# The exception by which each variant reports a bad value; anything else is a failure of
+# the variant (a crash is not a detection).
+_DETECTS_WITH = {"async": HealthError, "sync": HealthError, "off": HealthError,
+                 "anomaly": RuntimeError, "naive": FloatingPointError}
+
+
+def _detected(variant: str, exc: BaseException) -> bool:
+    kind = _DETECTS_WITH.get(variant)
+    if kind is None or not isinstance(exc, kind):
+        return False
+    return variant != "anomaly" or "nan" in str(exc).lower()
+
+
+def _describe(exc: BaseException) -> Optional[dict]:
+    """Where a HealthError says the bad tensor came from."""
+    a = getattr(exc, "anomaly", None)
+    if a is None:
+        return None
+    return {"site": a.site, "phase": a.phase, "role": a.role, "kind": a.kind,
+            "module_type": a.module_type, "step": a.step,
+            "stack_tail": [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                           for f in a.stack[-2:]]}
+
+
 def detection_matrix(device: torch.device, variants: Sequence[str]) -> dict:
-    """Which variant notices a NaN / +Inf written into a forward output or a gradient."""
-    cases = {"forward NaN": ("fwd", math.nan), "forward Inf": ("fwd", math.inf),
-             "backward NaN": ("bwd", math.nan), "backward Inf": ("bwd", math.inf)}
-    out: Dict[str, Dict[str, str]] = {}
+    """Which variant notices a NaN / +Inf written into a forward output, an activation
+    gradient or a parameter gradient of a small probe model, and where it says so.
+
+    Returns ``{variant: {case: {"verdict": str, "where": dict or None}}}``; verdicts start
+    with ``detected`` (in which phase of the step, or at the final ``mon.check()``),
+    ``not detected`` or ``error`` (the variant failed with an unexpected exception).
+    """
+    out: Dict[str, Dict[str, dict]] = {}
     for v in variants:
         out[v] = {}
-        for case, (where, value) in cases.items():
+        for case, (where, value) in DETECTION_CASES.items():
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(8, 16), Inject(), nn.Tanh(), nn.Linear(16, 4))
+            model = nn.Sequential(nn.Linear(8, 16), Inject(16), nn.Tanh(), nn.Linear(16, 4))
             spec = M.BenchModel("probe", model, (torch.randn(4, 8, device=device),),
                                 torch.randint(0, 4, (4,), device=device),
                                 nn.functional.cross_entropy, None, 1e-3, "probe")
             model.to(device)
             try:
                 r = Runner(v, spec, device)
+                r.step()  # one clean step first
             except Exception as exc:
-                out[v][case] = f"setup failed: {type(exc).__name__}"
+                out[v][case] = {"verdict": f"error: setup failed: {type(exc).__name__}: {exc}",
+                                "where": None}
                 continue
-            r.step()  # one clean step first
             inj = r.model[1]
-            if where == "fwd":
-                inj.fwd_value = value
-            else:
-                inj.bwd_value = value
-            verdict = "not detected"
+            setattr(inj, {"fwd": "fwd_value", "bwd": "bwd_value",
+                          "param": "param_value"}[where], value)
+            verdict, exc = "not detected", None
             try:
                 r.step()
                 T.sync(device)
                 err = r.finish()
                 if err:
-                    verdict = "detected at check: " + err[:120]
-            except Exception as exc:
-                verdict = (f"detected in {r.phase}: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:120]}")
+                    exc = r.error
+                    verdict = "detected at check: " + err[:160]
+            except Exception as e:  # raised inside the step
+                exc = e
+                verdict = (f"detected in {r.phase}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:160] if str(e) else ''}")
                 try:
                     r.finish()
                 except Exception:
                     pass
-            out[v][case] = verdict
+            if exc is not None and not _detected(v, exc):
+                verdict = "error: " + verdict.split(": ", 1)[1]
+            out[v][case] = {"verdict": verdict, "where": _describe(exc) if exc else None}
     return out
 
 
@@ -430,14 +511,18 @@ def evaluate_targets(results: List[dict], detect: Optional[dict], device: torch.
             add(f"{model}: HEALTHMON=off equals (a)", f"within noise (+-{100 * tol:.0f}%)",
                 _pct(o), abs(o - 1) <= tol)
     if detect:
+        n = len(DETECTION_CASES)
         for v in ("async", "sync"):
-            if v in detect and all(r.startswith("setup failed") for r in detect[v].values()):
-                out.append({"target": f"{v}: detects NaN and Inf in forward and backward",
-                            "wanted": "4 / 4", "measured": "-", "status": "NOT RUN"})
-            elif v in detect:
-                got = [c for c, r in detect[v].items() if r.startswith("detected")]
-                add(f"{v}: detects NaN and Inf in forward and backward", "4 / 4",
-                    f"{len(got)} / {len(detect[v])}", len(got) == len(detect[v]))
+            if v not in detect:
+                continue
+            verdicts = [r["verdict"] for r in detect[v].values()]
+            name = f"{v}: detects NaN and Inf in forward, backward and param grads"
+            if all(x.startswith("error: setup failed") for x in verdicts):
+                out.append({"target": name, "wanted": f"{n} / {n}", "measured": "-",
+                            "status": "NOT RUN"})
+            else:
+                got = sum(x.startswith("detected") for x in verdicts)
+                add(name, f"{n} / {n}", f"{got} / {len(verdicts)}", got == len(verdicts))
     return out
 
 
@@ -461,18 +546,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-detect", action="store_true", help="skip the detection matrix")
     p.add_argument("--no-sync-check", action="store_true",
                    help="skip the CUDA set_sync_debug_mode check")
-    p.add_argument("--json", default=None, help="write all results to this path")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice, one per core)")
+    p.add_argument("--json", default=None,
+                   help="write all results to this path (e.g. bench/results/overhead_cpu.json)")
     p.add_argument("--allow-reference", action="store_true",
                    help="run on the float64 reference fallback (numbers marked REFERENCE)")
     args = p.parse_args(argv)
 
     device = T.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = T.require_native(device, args.allow_reference)
     # NaiveHooks on modules whose inputs need no grad (the first layer): expected, not news.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    if not hasattr(healthmon, "watch"):
-        print("healthmon.watch is not available yet: only variants (a), (d), (e) can run",
-              flush=True)
     info = T.machine_info(device)
     print(T.describe_machine(info), flush=True)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -508,17 +595,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(T.fmt_table(["variant", "checks"], [[f"({LETTER[v]}) {v}", CHECKS[v]]
                                               for v in args.variants]))
     if detect:
-        print("\nDetection matrix (one NaN / +Inf written into a forward output or a "
-              "gradient of a small probe model):\n")
-        cases = list(next(iter(detect.values())).keys())
+        print("\nDetection matrix (one NaN / +Inf written into a forward output, an activation "
+              "gradient or a parameter gradient of a small probe model; 'opt.step' = the "
+              "optimizer's step hook, the monitor's step boundary):\n")
+        cases = list(DETECTION_CASES)
         print(T.fmt_table(["variant"] + cases,
-                          [[f"({LETTER[v]}) {v}"] + [_short(detect[v][c]) for c in cases]
-                           for v in detect]))
+                          [[f"({LETTER[v]}) {v}"] + [_short(detect[v][c]["verdict"])
+                                                     for c in cases] for v in detect]))
+        named = [[f"({LETTER[v]}) {v}", c, _where(r["where"])]
+                 for v in detect for c, r in detect[v].items() if r["where"]]
+        if named:
+            print("\nWhat healthmon names (site / phase / role; last stack frame):\n")
+            print(T.fmt_table(["variant", "case", "reported as"], named))
+        errors = [(v, c, r["verdict"]) for v in detect for c, r in detect[v].items()
+                  if r["verdict"].startswith("error")]
+        for v, c, e in errors:
+            print(f"  ERROR ({LETTER[v]}) {v} / {c}: {e}")
     print("\nTargets (issue 5):")
     print(T.fmt_table(["target", "wanted", "measured", "status"],
                       [[t["target"], t["wanted"], t["measured"], t["status"]]
                        for t in targets]))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"benchmark": "overhead", "machine": info, "ops_path": path,
                        "args": vars(args), "models": results, "checks": CHECKS,
@@ -527,12 +625,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+_PHASE = {"forward": "forward", "backward": "backward", "optimizer": "opt.step",
+          "step boundary": "mon.step()"}
+
+
 def _short(verdict: str) -> str:
     if verdict.startswith("detected at check"):
         return "yes (at mon.check())"
     if verdict.startswith("detected in "):
-        return f"yes (raised in {verdict[len('detected in '):].split(':')[0]})"
+        phase = verdict[len("detected in "):].split(":")[0]
+        return f"yes (raised in {_PHASE.get(phase, phase)})"
+    if verdict.startswith("error"):
+        return "ERROR (see below)"
     return verdict
+
+
+def _where(w: dict) -> str:
+    frame = w["stack_tail"][-1] if w.get("stack_tail") else "-"
+    return (f"{w['site']} [{w['module_type'] or '-'}] / {w['phase']} / {w['role']} "
+            f"({w['kind']}; {frame})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 
-import healthmon
 from healthmon import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,33 +53,106 @@ def test_kernels_smoke(tmp_path):
 
 
 def test_overhead_smoke(tmp_path):
+    """Every variant -- the real monitor's async / sync / off included -- runs a few steps of
+    two tiny models, and the detection matrix runs against the monitor for real."""
     out = tmp_path / "overhead.json"
-    p = run("overhead.py", "--device", "cpu", "--tiny", "--models", "mlp", "--rounds", "2",
-            "--warmup", "1", "--steps-per-sample", "1", "--allow-reference", "--json", str(out))
+    p = run("overhead.py", "--device", "cpu", "--tiny", "--models", "mlp,transformer",
+            "--rounds", "2", "--warmup", "1", "--steps-per-sample", "1", "--allow-reference",
+            "--json", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "healthmon ops path:" in p.stdout and "What each variant checks" in p.stdout
+    assert "Detection matrix" in p.stdout and "ERROR" not in p.stdout
     d = json.loads(out.read_text())
     assert d["benchmark"] == "overhead"
-    (m,) = d["models"]
-    assert m["model"] == "mlp"
-    assert set(m["variants"]) == {"none", "async", "sync", "anomaly", "naive", "off"}
-    assert m["variants"]["none"]["ratio"] == pytest.approx(1.0)
-    expected_ok = ["anomaly", "naive"]
-    if hasattr(healthmon, "watch"):
-        expected_ok += ["async", "sync", "off"]
-    for v in expected_ok:
-        assert m["variants"][v]["error"] is None, (v, m["variants"][v]["error"])
-        assert finite(m["variants"][v]["ratio"])
-        assert m["variants"][v]["checks"]
-    det = d["detection"]
-    # the baseline never notices; naive hooks check every tensor, so they notice everything;
-    # detect_anomaly does not look at Inf.
-    assert all(v == "not detected" for v in det["none"].values())
-    assert all(v.startswith("detected") for v in det["naive"].values())
-    assert det["anomaly"]["backward Inf"] == "not detected"
-    if hasattr(healthmon, "watch"):
+    assert [m["model"] for m in d["models"]] == ["mlp", "transformer"]
+    for m in d["models"]:
+        assert set(m["variants"]) == {"none", "async", "sync", "anomaly", "naive", "off"}
+        assert m["variants"]["none"]["ratio"] == pytest.approx(1.0)
+        assert not m["setup_errors"] and not m["run_errors"], (m["setup_errors"], m["run_errors"])
+        assert not m["anomalies_at_end"], m["anomalies_at_end"]  # clean steps stay clean
+        for v, r in m["variants"].items():
+            assert r["error"] is None, (v, r["error"])
+            assert finite(r["ratio"]) and r["checks"]
+            assert len(m["timing"]["variants"][v]["samples_s"]) == 2
+    targets = {t["target"]: t for t in d["targets"]}
+    assert "CPU transformer: async overhead" in targets  # timing targets: reported, not asserted
+
+    det = {v: {c: r["verdict"] for c, r in cases.items()} for v, cases in d["detection"].items()}
+    where = {v: {c: r["where"] for c, r in cases.items()} for v, cases in d["detection"].items()}
+    cases = {"forward NaN", "forward Inf", "backward NaN", "backward Inf", "param grad NaN",
+             "param grad Inf"}
+    assert all(set(det[v]) == cases for v in det)
+    assert not [(v, c, x) for v in det for c, x in det[v].items() if x.startswith("error")]
+    # nothing watching: nothing noticed; HEALTHMON=off must behave exactly like that
+    for v in ("none", "off"):
+        assert all(x == "not detected" for x in det[v].values()), (v, det[v])
+    # naive hooks check every tensor; detect_anomaly looks at NaN from backward functions only
+    assert all(x.startswith("detected") for x in det["naive"].values()), det["naive"]
+    assert {c for c, x in det["anomaly"].items() if x.startswith("detected")} == {
+        "forward NaN", "backward NaN", "param grad NaN"}, det["anomaly"]
+    # the monitor: everything, with a HealthError naming the probe's Inject module (site "1")
+    for v in ("async", "sync"):
+        assert all(x.startswith("detected") and "HealthError" in x for x in det[v].values()), \
+            (v, det[v])
+        for c, w in where[v].items():
+            assert w["site"] == "1" and w["module_type"] == "Inject", (v, c, w)
+            assert w["kind"] == ("nan" if c.endswith("NaN") else "inf"), (v, c, w)
+            assert w["phase"] == {"forward": "forward", "backward": "backward",
+                                  "param": "grad"}[c.split()[0]], (v, c, w)
+    # sync raises inside the hook of the phase that produced the value; async (CPU) at the
+    # step boundary, i.e. the optimizer's step hook
+    assert det["sync"]["forward NaN"].startswith("detected in forward")
+    assert det["sync"]["backward Inf"].startswith("detected in backward")
+    assert det["sync"]["param grad NaN"].startswith("detected in backward")
+    assert all(x.startswith("detected in optimizer") for x in det["async"].values()), det["async"]
+    assert {t["target"]: t["status"] for t in d["targets"]}[
+        "async: detects NaN and Inf in forward, backward and param grads"] == "PASS"
+
+
+def test_overhead_variants_in_process():
+    """(f) HEALTHMON=off attaches nothing; the process-wide loss guard belongs to the variant
+    being stepped (the baseline's loss is never label-checked by another variant's monitor)."""
+    sys.path.insert(0, BENCH)
+    try:
+        import models as M
+        import overhead as O
+    finally:
+        sys.path.remove(BENCH)
+    from healthmon import labels
+    import torch
+
+    dev = torch.device("cpu")
+    spec = M.build("mlp", dev, tiny=True)
+    runners = {v: O.Runner(v, spec, dev) for v in ("none", "async", "sync", "off")}
+    try:
+        off = runners["off"]
+        assert not off.mon.active
+        assert all(not m._forward_hooks and not m._forward_pre_hooks
+                   for m in off.model.modules())
+        assert all(not p._post_accumulate_grad_hooks for p in off.model.parameters())
         for v in ("async", "sync"):
-            assert all(x.startswith("detected") for x in det[v].values()), (v, det[v])
+            assert runners[v].mon.active and runners[v].model.head._forward_hooks
+        seen = {}
+
+        def spy(v):
+            def loss(out, target):
+                seen[v] = list(labels._owners)
+                return spec.loss_fn(out, target)
+            return loss
+
+        for v, r in runners.items():
+            r.spec = M.BenchModel(spec.name, spec.model, spec.inputs, spec.target, spy(v),
+                                  None, spec.lr, spec.description)
+            r.step()
+            r.step()
+        assert seen["none"] == [] and seen["off"] == []
+        assert seen["async"] == [runners["async"].mon]
+        assert seen["sync"] == [runners["sync"].mon]
+        assert runners["async"].mon.step_index == 2 and runners["sync"].mon.step_index == 2
+    finally:
+        for r in runners.values():
+            r.finish()
+    assert not labels.loss_guard_installed()
 
 
 def test_refuses_reference_numbers():
