@@ -27,14 +27,17 @@ def _with_cuda() -> bool:
 
 def _extension():
     cpu_sources = ["csrc/schemas.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=HERE))
-    cxx_flags = ["-O3", "-fopenmp-simd"]
+    # -fopenmp: at::parallel_for is an inline OpenMP region; without it the CPU kernels run
+    # on one thread. libgomp.so.1 is the runtime torch itself loads (same soname).
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if not _with_cuda():
         return CppExtension("healthmon._C", cpu_sources,
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     cuda_sources = ["csrc/cuda_glue.cpp"] + sorted(glob.glob("csrc/cuda/*.cu", root_dir=HERE))
     return CUDAExtension(
         "healthmon._C", cpu_sources + cuda_sources,
-        define_macros=[("HEALTHMON_WITH_CUDA", "1")],
+        define_macros=[("HEALTHMON_WITH_CUDA", "1")], extra_link_args=link_flags,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "-std=c++17"]})
 
 
