@@ -277,3 +277,21 @@ def test_nan_payloads_signs_and_signalling_nans(dtype, ity, bits):
     rec = ops.stats_record(x)
     assert_stats_match(rec, reference.stats_ref(x), dtype, f"{dtype} payloads")
     assert rec[STAT["nan"]] > 0 and rec[STAT["zeros"]] == 300
+
+
+def test_parallel_kernels_are_deterministic_across_thread_counts():
+    """Chunks are fixed-size and combined in order: the record does not depend on how many
+    threads ran (the CPU kernels are OpenMP-parallel)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3_000_017, generator=gen) * 1e3
+    x[123_456] = float("nan")
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.stats_record(x)
+        many = ops.multi_stats([x, x[::3]])
+        torch.set_num_threads(max(2, saved))
+        assert torch.equal(one, ops.stats_record(x))
+        assert torch.equal(many, ops.multi_stats([x, x[::3]]))
+    finally:
+        torch.set_num_threads(saved)
