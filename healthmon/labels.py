@@ -351,6 +351,16 @@ def _num_classes(input: torch.Tensor) -> Optional[int]:
     return int(input.shape[1] if input.dim() >= 2 else input.shape[0])
 
 
+def _owner_of_open_step():
+    """The monitor whose root forward ran most recently in a step still open: the loss of
+    that model's step (several monitors: a GAN's generator and discriminator)."""
+    best = None
+    for mon in _owners:
+        if mon._cur.forward and (best is None or mon._forward_tick > best._forward_tick):
+            best = mon
+    return best
+
+
 def _make_guard(fn_name: str, original):
     loss_name = {"cross_entropy_loss": "cross_entropy", "nll_loss_nd": "nll_loss"}[fn_name]
 
@@ -366,8 +376,11 @@ def _make_guard(fn_name: str, original):
         num_classes = _num_classes(input)
         if num_classes is None or num_classes < 1:
             return original(*args, **kwargs)
-        clean = _owners[-1]._check_loss_target(loss_name, input, target, num_classes,
-                                               int(ignore_index))
+        owner = _owner_of_open_step()
+        if owner is None:
+            return original(*args, **kwargs)  # no watched forward in flight: not our loss
+        clean = owner._check_loss_target(loss_name, input, target, num_classes,
+                                         int(ignore_index))
         if clean is not None:
             if len(args) > 1:
                 args = (args[0], clean) + tuple(args[2:])

@@ -46,6 +46,7 @@ all-reduce) and parameter gradients are recorded in their hook: see
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -65,6 +66,9 @@ from .stacks import StackTable
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
 
 
+_FORWARD_TICKS = itertools.count(1)
+
+
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() >= 0
 
@@ -81,6 +85,7 @@ class Monitor(Decoder):
                  allow_inf: Sequence[str] = (), sinks: Sequence = (), prefix: str = ""):
         self.config = config
         self.prefix = prefix
+        self._forward_tick = 0
         self.auto = False  # created by healthmon run / watch_all: yields to explicit watch()
         self.anomalies: List[Anomaly] = []
         self.dropped_anomalies = 0
@@ -285,6 +290,7 @@ class Monitor(Decoder):
             self._end_step()
             cur = self._cur
         cur.forward = True
+        self._forward_tick = next(_FORWARD_TICKS)  # which model's step a loss belongs to
         if cur.active:
             sid = self._stacks.capture(1)
             for role, t in walk(args, "input"):

@@ -293,3 +293,18 @@ def test_huge_target_over_2_31_elements():
     assert s.numel == 2**31 + 16 and s.bad == 1
     assert s.first_bad == 2**30 + 8 + 2**30 + 3 and s.first_bad_index == (1, 2**30 + 3)
     del t
+
+
+def test_guard_reports_to_the_monitor_whose_step_is_open():
+    gen, disc = Seg(), Seg()
+    target = wrapped_uint8_target()
+    x = torch.randn(4, 3, 16, 20)
+    with healthmon.watch(gen, prefix="gen", on_anomaly="log") as mon_g, \
+            healthmon.watch(disc, prefix="disc", on_anomaly="log") as mon_d:
+        F.cross_entropy(gen(x), target.long())  # generator's step: its monitor
+        assert [a.site for a in mon_g.anomalies] == ["cross_entropy"] and not mon_d.anomalies
+        mon_g.step()
+        mon_d.step()
+        # no watched forward in flight: not a watched model's loss, torch's own error
+        with pytest.raises(IndexError):
+            F.cross_entropy(torch.randn(4, 8, 16, 20), target.long())
