@@ -12,6 +12,8 @@ from typing import Iterator, Tuple
 
 import torch
 
+from . import ops
+
 MAX_DEPTH = 4
 MAX_TENSORS = 256
 
@@ -64,13 +66,18 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def unsupported(t: torch.Tensor):
     """Why the monitor skips ``t`` (None when it can record it); never synchronises.
     A DTensor is judged by its local shard, which is what the monitor records."""
+    if type(t) in _PLAIN and t.layout is torch.strided and t.dtype in ops.STATS_DTYPES \
+            and not t.is_meta and not t.is_nested:
+        return None  # the common case, decided in a few attribute reads (hot path)
     t = local_tensor(t)
     if t.device.type == "meta":
         return "meta tensors have no data"
-    from . import ops
     reason = ops.unsupported_reason(t)
     if reason is None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
         # tensor subclasses (FakeTensor, DTensor, ...) may not dispatch to the kernels
