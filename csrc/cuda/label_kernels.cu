@@ -13,6 +13,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "block_reduce.cuh"
 #include "kernels.cuh"
 
 namespace healthmon {
@@ -47,20 +48,6 @@ struct LabelRed {
   }
 };
 
-// Result in thread 0.
-__device__ __forceinline__ LabelRed block_reduce(LabelRed v, LabelRed* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v.merge(v.shfl_down(o));
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? smem[lane] : LabelRed::identity();
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v.merge(v.shfl_down(o));
-  }
-  return v;
-}
 
 // A torch bool byte: any non-zero value is True (1), as torch reads it.
 struct BoolByte {
@@ -138,7 +125,7 @@ __global__ void __launch_bounds__(kThreads)
   const long long done = head + nvec * kVec;
   if (g < n - done) check(x[done + g], done + g, r);
 
-  r = block_reduce(r, smem);
+  r = block_reduce<kWarps>(r, smem);
   if (threadIdx.x == 0) partials[blockIdx.x] = LabelPartial{r.bad, r.ignored, r.mn, r.mx, r.first_bad};
 }
 
@@ -151,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
     const LabelPartial& p = partials[b];
     r.merge(LabelRed{p.bad, p.ignored, p.min, p.max, p.first_bad});
   }
-  r = block_reduce(r, smem);
+  r = block_reduce<kWarps>(r, smem);
   if (threadIdx.x == 0) {
     record[kLabelNumel] = n;
     record[kLabelBad] = r.bad;

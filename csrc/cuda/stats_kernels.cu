@@ -17,6 +17,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "block_reduce.cuh"
 #include "kernels.cuh"
 
 namespace healthmon {
@@ -134,22 +135,6 @@ struct Red {
 using ChunkRed = Red<unsigned int>;
 using TensorRed = Red<unsigned long long>;
 
-// Fixed-shape tree: the same inputs always combine in the same order. Result in thread 0.
-template <typename R>
-__device__ __forceinline__ R block_reduce(R v, R* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v.merge(v.shfl_down(o));
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? smem[lane] : R::identity();
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v.merge(v.shfl_down(o));
-  }
-  __syncthreads();  // smem is reused by the next chunk
-  return v;
-}
 
 // ----------------------------------------------------------------------------- accumulators
 
@@ -413,7 +398,7 @@ __global__ void __launch_bounds__(kThreads)
 
     typename Traits<D>::Acc acc;
     span_stats<D>(static_cast<const S*>(m.data) + start, len, acc);
-    const ChunkRed r = block_reduce(acc.result(), smem);
+    const ChunkRed r = block_reduce<kWarps>(acc.result(), smem);
     if (threadIdx.x == 0) {
       if (m.num_chunks == 1) {
         write_record(r, m.numel, records + m.slot * kNumStatsFields);
@@ -437,7 +422,7 @@ __global__ void __launch_bounds__(kThreads)
       r.merge(TensorRed{p.nan, p.posinf, p.neginf, p.zeros, p.min, p.max, p.absmax, p.sum,
                         p.sumsq});
     }
-    r = block_reduce(r, smem);
+    r = block_reduce<kWarps>(r, smem);
     if (threadIdx.x == 0) write_record(r, m.numel, records + m.slot * kNumStatsFields);
   }
 }
