@@ -115,6 +115,7 @@ class Monitor(Decoder):
         self._checked = 0
         self._opt_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._cur = Step(0, True)
+        self._external_steps = False  # set_step() called: a trainer numbers the steps
         self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
         _distributed.agree_settings(config)  # a collective on every rank, also when off
         if not config.enabled:
@@ -286,7 +287,7 @@ class Monitor(Decoder):
         if self._dist is None and _distributed.initialized():  # initialised after watch()
             self._dist = _distributed.attach(self, agree=True)
         cur = self._cur
-        if cur.forward or cur.backward or cur.order:
+        if not self._external_steps and (cur.forward or cur.backward or cur.order):
             self._end_step()
             cur = self._cur
         cur.forward = True
@@ -472,7 +473,7 @@ class Monitor(Decoder):
         if cached is None or cached[0] != len(groups):
             ours = any(id(p) in self._param_ids for g in groups for p in g["params"])
             cached = self._opt_cache[optimizer] = (len(groups), ours)
-        if cached[1]:
+        if cached[1] and not self._external_steps:
             self._end_step()
 
     # ----------------------------------------------------------------- step boundaries
@@ -481,6 +482,27 @@ class Monitor(Decoder):
         """Explicit step boundary (optional: boundaries are found automatically)."""
         if not self._removed:
             self._end_step()
+
+    def set_step(self, global_step: int) -> None:
+        """Let a trainer number the steps (the Lightning / HF callbacks call this at the
+        start of every training batch with the trainer's global step).
+
+        From the first call on, root forwards and optimizer steps are no longer step
+        boundaries: a call with a new number ends the current step (its records are decoded
+        and the policy applied) and starts step ``global_step``; a call with the current
+        number does nothing (gradient accumulation: micro-batches share one step).
+
+        Raises:
+            TypeError: ``global_step`` is not an int.
+        """
+        if isinstance(global_step, bool) or not isinstance(global_step, int):
+            raise TypeError(f"healthmon: set_step expects an int, got "
+                            f"{type(global_step).__name__}")
+        if self._removed:
+            return
+        self._external_steps = True
+        if global_step != self._cur.index:
+            self._end_step(next_index=global_step)
 
     def check(self) -> List[Anomaly]:
         """Close the current step, wait for its records (synchronises) and apply the policy.
@@ -499,15 +521,18 @@ class Monitor(Decoder):
         self._checked = len(self.anomalies)
         return new
 
-    def _end_step(self, apply_policy: bool = True) -> None:
+    def _end_step(self, apply_policy: bool = True, next_index: Optional[int] = None) -> None:
         cur = self._cur
         if not (cur.forward or cur.backward or cur.order):
+            if next_index is not None:
+                self.step_index = next_index
+                self._cur = Step(next_index, next_index % self.config.every == 0)
             return
         if self._grad_queue:
             self._flush_grads()
         if cur.active and cur.backward and self._params:  # training steps only
             self._record_params()
-        self.step_index = cur.index + 1
+        self.step_index = cur.index + 1 if next_index is None else next_index
         self._cur = Step(self.step_index, self.step_index % self.config.every == 0)
         self._calls = [0] * len(self._modules)
         self._seen = {}
