@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include "record.h"
 
 TORCH_LIBRARY(healthmon, m) {
@@ -21,12 +23,41 @@ TORCH_LIBRARY(healthmon, m) {
   m.def("label_sanitize(Tensor target, int num_classes, int ignore_index) -> (Tensor, Tensor)");
 }
 
+namespace {
+
+// The monitor's hot path: one Python -> C++ call per recorded tensor. It calls the
+// registered kernel through the C++ dispatcher (whatever the device) below the autograd
+// keys, so a tensor that requires grad needs no Python-side detach() and no autograd
+// bookkeeping; the kernels keep their own argument checks. Traced code (torch.compile)
+// uses torch.ops.healthmon.stats_into instead, which Dynamo can see.
+void record(const at::Tensor& x, at::Tensor records, int64_t slot) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("healthmon::stats_into", "")
+                       .typed<void(const at::Tensor&, at::Tensor&, int64_t)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.call(x, records, slot);
+}
+
+void multi_record(std::vector<at::Tensor> xs, at::Tensor records, std::vector<int64_t> slots) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("healthmon::multi_stats_into", "")
+                       .typed<void(at::TensorList, at::Tensor&, at::IntArrayRef)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.call(xs, records, slots);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "healthmon native ops (registered as torch.ops.healthmon.*)";
   pybind11::list stats_fields, label_fields;
   for (const char* name : healthmon::kStatsFieldNames) stats_fields.append(name);
   for (const char* name : healthmon::kLabelFieldNames) label_fields.append(name);
   m.attr("STATS_FIELDS") = pybind11::tuple(stats_fields);
+  m.def("record", &record, "stats of x into records[slot] (the monitor's hot path)",
+        pybind11::arg("x"), pybind11::arg("records"), pybind11::arg("slot"));
+  m.def("multi_record", &multi_record, "stats of xs[i] into records[slots[i]]",
+        pybind11::arg("xs"), pybind11::arg("records"), pybind11::arg("slots"));
   m.attr("LABEL_FIELDS") = pybind11::tuple(label_fields);
 #ifdef HEALTHMON_WITH_CUDA
   m.attr("HAS_CUDA") = true;

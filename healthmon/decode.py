@@ -15,7 +15,7 @@ from typing import List, Optional
 from . import labels
 from ._layout import LABEL, NUM_LABEL
 from .errors import Anomaly, HealthError
-from .records import Site, Step
+from .records import Site, Step, merge_order
 from .stats import TensorStats
 
 _log = logging.getLogger("healthmon")
@@ -27,15 +27,37 @@ class Decoder:
 
     # ----------------------------------------------------------------- decoding / policy
 
-    def _decode(self, step: Step, apply_policy: bool) -> None:
-        for buf in self._bufs.values():
-            buf.wait()
-        hosts = {d: b.host.tolist() for d, b in self._bufs.items() if b.host is not None}
+    def _decode_partial(self, step: Step) -> None:
+        """CPU, before the optimizer's update: check the records of the open step so far
+        and apply the policy now (a bad gradient raises before it reaches the weights).
+        The step's final decode reports only what came after."""
+        if self.config.sync or self._dist is not None or step.decoded >= len(step.order):
+            return
+        self._rec.copy_to_host()
+        self._decode(step, True, partial=True)
+
+    def _decode(self, step: Step, apply_policy: bool, partial: bool = False) -> None:
+        self._rec.wait()
+        hosts = self._rec.host_rows()
         rows = []
-        first: Optional[Anomaly] = step.anomaly
+        first: Optional[Anomaly] = None if partial else step.anomaly
         prev_bwd = None
-        for site, sid in step.order:
-            row = hosts[site.device][site.slot]
+        order = step.order
+        if self._rec.has_compiled and not partial:
+            order = merge_order(order, self._rec.compiled_written(hosts))
+        done = 0 if partial else step.decoded
+        if partial:
+            order = order[step.decoded:]
+            step.decoded += len(order)
+        eager_seen = 0
+        for site, sid in order:
+            row = hosts[site.buffer][site.slot]
+            if not site.compiled:
+                eager_seen += 1
+                if eager_seen <= done:
+                    if site.phase != "label":
+                        rows.append((site, row))  # checked before the update already
+                    continue
             if site.phase == "label":
                 meta = step.label_meta[site]
                 if row[LABEL["bad"]] and not meta[4] and (not self.config.sync or
@@ -65,6 +87,12 @@ class Decoder:
                 first = anomaly
             else:
                 first.consequences.append(anomaly)
+        if partial:
+            if first is not None:
+                step.anomaly = first  # later records of the step are its consequences
+                step.partial_reported = True
+                self._report(first, apply_policy)
+            return
         self._last_rows = rows
         self._last_step = step.index
         if self.sinks:
@@ -73,7 +101,7 @@ class Decoder:
                 sink.write_step(step.index, dicts)
         if self._dist is not None and apply_policy:  # every rank takes the same branch
             self._dist.settle(step.index, first, reported=self.config.sync)
-        elif first is not None and not self.config.sync:
+        elif first is not None and not self.config.sync and not step.partial_reported:
             self._report(first, apply_policy)
 
     @staticmethod
@@ -103,7 +131,7 @@ class Decoder:
 
     def _check_now(self, site: Site, sid: int) -> None:
         """Sync mode: read the record just written and report it if bad (raises here)."""
-        row = self._bufs[site.device].records[site.slot].tolist()
+        row = site.buffer.records[site.slot].tolist()
         cur = self._cur
         if not self._bad(site, row):
             site.last_healthy = row
@@ -170,4 +198,4 @@ class Decoder:
 
     def buffer_bytes(self) -> int:
         """Bytes of the device record buffers (bounded by the number of sites)."""
-        return sum(b.records.numel() * b.records.element_size() for b in self._bufs.values())
+        return self._rec.nbytes()

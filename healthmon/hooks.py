@@ -8,6 +8,7 @@ depth and count; everything else (None, ints, custom objects) is skipped. Role n
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Iterator, Tuple
 
 import torch
@@ -84,3 +85,140 @@ def unsupported(t: torch.Tensor):
         if "Fake" in type(t).__name__:
             return "fake tensors have no data"
     return reason
+
+
+def flat_tensors(obj, prefix: str, out: list, depth: int = 0) -> list:
+    """``walk`` for traced code: appends ``(role, tensor)`` to ``out`` without a generator
+    (tensors, tuples / lists / namedtuples and dicts; what Dynamo traces without a break)."""
+    if isinstance(obj, torch.Tensor):
+        out.append((prefix, obj))
+    elif depth < MAX_DEPTH and isinstance(obj, (tuple, list)):
+        fields = getattr(obj, "_fields", None)
+        for i, item in enumerate(obj):
+            name = f"{prefix}.{fields[i]}" if fields and i < len(fields) else f"{prefix}[{i}]"
+            flat_tensors(item, name, out, depth + 1)
+    elif depth < MAX_DEPTH and isinstance(obj, dict):
+        for key, item in obj.items():
+            flat_tensors(item, f"{prefix}.{key}", out, depth + 1)
+    return out
+
+
+# --------------------------------------------------------------------------- hook objects
+#
+# The monitor's hooks live in the user's module and parameter hook dicts, so they travel
+# with the user's copies: ``copy.deepcopy(model)`` (EMA, teacher models) and
+# ``torch.save(model)`` (a whole-model pickle). A copy must carry nothing that could fire:
+# every hook object deep-copies and pickles to an :class:`Inert` stub, which does nothing
+# and removes itself from the copy's hook dict the first time it is called. A hook also
+# checks that it is called for the module it was made for (a shallow ``copy.copy`` shares
+# the dicts).
+
+
+class Inert:
+    """What a healthmon hook becomes in a copy or a pickle of the user's model."""
+
+    __slots__ = ()
+
+    def __call__(self, owner=None, *args, **kwargs):
+        _drop_from(owner, self)
+        return None
+
+    def __reduce__(self):
+        return (Inert, ())
+
+
+def _drop_from(owner, hook) -> None:
+    for attr in ("_forward_hooks", "_forward_pre_hooks", "_post_accumulate_grad_hooks"):
+        hooks = getattr(owner, attr, None) if owner is not None else None
+        if not hooks:
+            continue
+        for key in [k for k, h in hooks.items() if h is hook]:
+            del hooks[key]
+            for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                          "_forward_pre_hooks_with_kwargs"):
+                getattr(owner, extra, {}).pop(key, None)
+
+
+class OwnedHook:
+    """Base of the monitor's hook objects: a target check, copies become :class:`Inert`."""
+
+    __slots__ = ("monitor", "target", "index")
+
+    def __init__(self, monitor, target, index: int):
+        self.monitor, self.target, self.index = monitor, weakref.ref(target), index
+
+    def __deepcopy__(self, memo):
+        return Inert()
+
+    def __copy__(self):
+        return Inert()
+
+    def __reduce__(self):
+        return (Inert, ())
+
+
+class ForwardHook(OwnedHook):
+    """Forward hook of watched module ``index``: records its outputs."""
+
+    __slots__ = ()
+
+    def __call__(self, module, args, output):
+        if module is not self.target():
+            return Inert.__call__(self, module)  # a shallow copy of the module: not ours
+        self.monitor._on_forward(self.index, output)
+        return None
+
+
+class RootPreHook(OwnedHook):
+    """Forward pre-hook of the root module: step boundary (eager), records the inputs."""
+
+    __slots__ = ()
+
+    def __call__(self, module, args, kwargs=None):
+        if module is not self.target():
+            return Inert.__call__(self, module)
+        self.monitor._on_root_forward(args, kwargs)
+        return None
+
+
+class ParamHook(OwnedHook):
+    """Post-accumulate-grad hook of watched parameter ``index``."""
+
+    __slots__ = ()
+
+    def __call__(self, param):
+        if param is not self.target():
+            return Inert.__call__(self, param)
+        self.monitor._on_param_grad(self.index, param)
+        return None
+
+
+def _untraced_frames() -> None:
+    # Called from eager code (a compiled root module's own hooks run in torch's eager
+    # _call_impl under the compile context), Dynamo would compile each hook call as a frame
+    # of its own: one extra graph per hook. Skipped frames still get inlined into a graph
+    # when a traced module calls them.
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # a torch without these: the hooks are compiled like user code
+        return
+    for fn in untraced_codes:
+        # SKIP this frame and the frames it calls (the monitor's eager hook path)
+        set_code_exec_strategy(fn.__code__, FrameExecStrategy(FrameAction.SKIP,
+                                                              FrameAction.SKIP))
+
+
+untraced_codes = [ForwardHook.__call__, RootPreHook.__call__, ParamHook.__call__,
+                  Inert.__call__]
+
+
+def skip_when_eager(fn):
+    """Mark ``fn`` (a hook called from torch's eager code) as never compiled as a frame."""
+    untraced_codes.append(fn)
+    _untraced_frames()
+    untraced_codes.remove(fn)
+    return fn
+
+
+_untraced_frames()

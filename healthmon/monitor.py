@@ -46,7 +46,7 @@ all-reduce) and parameter gradients are recorded in their hook: see
 from __future__ import annotations
 
 import fnmatch
-import itertools
+import threading
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -58,19 +58,43 @@ from . import labels, ops
 from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
 from .errors import Anomaly
-from .hooks import local_tensor, unsupported, walk
+from .hooks import (ForwardHook, ParamHook, RootPreHook, flat_tensors, local_tensor,
+                    skip_when_eager, unsupported, walk)
 from .decode import Decoder
-from .records import DeviceBuffer, Site, Step
-from .stacks import StackTable
+from .records import Recorder, Site, Step, merge_order
+from .stacks import traced_stack
 
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
-
-
-_FORWARD_TICKS = itertools.count(1)
+_FORWARD_TICKS = [0]
 
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() >= 0
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class _Trace:
+    """Trace-time state (``torch.compile``): per traced graph, how many times each module
+    was called so far, so a module called twice in one graph gets two sites."""
+
+    def __init__(self):
+        self.token = None
+        self.calls: Dict[int, int] = {}
+
+    def call_index(self, module: int) -> int:
+        try:
+            from torch._guards import TracingContext
+            token = id(TracingContext.try_get())
+        except Exception:
+            token = None
+        if token != self.token:
+            self.token, self.calls = token, {}
+        n = self.calls.get(module, 0)
+        self.calls[module] = n + 1
+        return n
 
 
 class Monitor(Decoder):
@@ -86,6 +110,7 @@ class Monitor(Decoder):
         self.config = config
         self.prefix = prefix
         self._forward_tick = 0
+        self._forward_thread: Optional[int] = None
         self.auto = False  # created by healthmon run / watch_all: yields to explicit watch()
         self.anomalies: List[Anomaly] = []
         self.dropped_anomalies = 0
@@ -101,11 +126,11 @@ class Monitor(Decoder):
         self._param_sites: List[Tuple[int, str]] = []  # (module index, parameter name)
         self._grad_roles: List[str] = []  # role of each parameter's ``grad`` records
         self._param_ids: set = set()
-        self._sites: Dict[tuple, Site] = {}
-        self._bufs: Dict[torch.device, DeviceBuffer] = {}
-        self._stacks = StackTable()
+        self._rec = Recorder(64, self._site_allows_inf)
+        self._trace = _Trace()
         self._mod_stack: List[int] = []
         self._calls: List[int] = []
+        self._fwd_cache: List[Optional[Site]] = []  # module -> site of its call-0 "output"
         self._seen: Dict[int, tuple] = {}  # id(tensor) -> (weakref, recorded fwd, hooked bwd)
         self._grad_queue: Dict[int, None] = {}
         self._callback_queued = False
@@ -114,6 +139,7 @@ class Monitor(Decoder):
         self._last_step: Optional[int] = None
         self._checked = 0
         self._opt_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._opt_stepped = False  # an optimizer holding watched parameters has stepped
         self._cur = Step(0, True)
         self._external_steps = False  # set_step() called: a trainer numbers the steps
         self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
@@ -125,20 +151,66 @@ class Monitor(Decoder):
         self._attach(roots)
         self._dist = _distributed.attach(self)
 
+    @property
+    def _stacks(self):
+        return self._rec.stacks
+
+    @property
+    def _sites(self):
+        return self._rec.sites
+
+    def _site_allows_inf(self, name: str, phase: str, role: str) -> bool:
+        return phase in ("forward", "input") and any(
+            fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(f"{name}.{role}", pat)
+            for pat in self._allow_inf)
+
     # ----------------------------------------------------------------- setup / teardown
 
     def _attach(self, roots: Sequence[nn.Module]) -> None:
         try:
             self._handles.append(roots[0].register_forward_pre_hook(
-                self._root_pre_hook, with_kwargs=True))
+                RootPreHook(self, roots[0], 0), with_kwargs=True))
             for r, root in enumerate(roots):
                 self._add_modules(root, self.prefix if r == 0 else type(root).__name__)
-            from torch.optim.optimizer import register_optimizer_step_post_hook
+            from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                               register_optimizer_step_pre_hook)
+            self._handles.append(register_optimizer_step_pre_hook(self._optimizer_pre_hook))
             self._handles.append(register_optimizer_step_post_hook(self._optimizer_hook))
         except Exception:
             self._detach()
             raise
+        # rows for every module output, output gradient and parameter (and its gradient)
+        # from the start: the buffers do not grow (move) once a graph captured them
+        self._rec.capacity = 2 * len(self._modules) + len(self._params) + 64
         labels.install_loss_guard(self)
+        self._warn_if_compiled(roots[0])
+
+    def _warn_if_compiled(self, root: nn.Module) -> None:
+        """Hooks added after a module's compiled code ran are not seen by that code
+        (Dynamo does not guard on module hooks): say so instead of recording nothing."""
+        compiled = getattr(root, "_compiled_call_impl", None) is not None
+        try:
+            from torch._dynamo.eval_frame import OptimizedModule
+            compiled = compiled or any(isinstance(m, OptimizedModule) for m in root.modules())
+        except ImportError:
+            pass
+        if not compiled:
+            return
+        try:
+            import torch._dynamo
+            ran = any(torch._dynamo.utils.counters["stats"].values())
+        except Exception:
+            ran = False
+        if ran:
+            import warnings
+            warnings.warn(
+                "healthmon: watch() was called on a model that torch.compile has already "
+                "compiled and run; its compiled code does not see hooks added afterwards, so "
+                "those parts would not be monitored. healthmon reset Dynamo's caches "
+                "(torch._dynamo.reset()) so the next call recompiles with the monitor. To "
+                "avoid the recompile, call healthmon.watch(model) before the first call of "
+                "the compiled model.", RuntimeWarning, stacklevel=4)
+            torch._dynamo.reset()
 
     def _add_modules(self, root: nn.Module, prefix: str) -> None:
         """Hook ``root`` and its submodules not hooked yet (site names ``prefix.qualname``)."""
@@ -164,9 +236,10 @@ class Monitor(Decoder):
             self._names.append(name)
             self._mod_stack.append(-1)
             self._calls.append(0)
+            self._fwd_cache.append(None)
         for i in range(first, len(self._modules)):
             mod = self._modules[i]
-            self._handles.append(mod.register_forward_hook(self._make_forward_hook(i)))
+            self._handles.append(mod.register_forward_hook(ForwardHook(self, mod, i)))
             for pname, p in mod.named_parameters(recurse=False):
                 if id(p) in self._param_ids or not p.requires_grad:
                     continue
@@ -175,7 +248,7 @@ class Monitor(Decoder):
                 self._param_sites.append((i, pname))
                 self._grad_roles.append(pname)
                 self._handles.append(p.register_post_accumulate_grad_hook(
-                    self._make_param_hook(len(self._params) - 1)))
+                    ParamHook(self, p, len(self._params) - 1)))
             _WATCHED[mod] = self
 
     def add(self, module: nn.Module, prefix: Optional[str] = None) -> None:
@@ -199,6 +272,12 @@ class Monitor(Decoder):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for p in self._params:  # torch leaves {} behind: restore the untouched state
+            if not getattr(p, "_post_accumulate_grad_hooks", None):
+                try:
+                    p._post_accumulate_grad_hooks = None
+                except (AttributeError, RuntimeError):
+                    pass
         for mod in self._modules:
             if _WATCHED.get(mod) is self:
                 del _WATCHED[mod]
@@ -243,22 +322,11 @@ class Monitor(Decoder):
                 f"{len(self._params)} parameters, {len(self._sites)} sites, "
                 f"step {self.step_index}, {len(self.anomalies)} anomalies>")
 
-    # ----------------------------------------------------------------- recording
+    # ----------------------------------------------------------------- recording (eager)
 
     def _site(self, module: int, name: str, phase: str, role: str, call: int,
-              device: torch.device) -> Site:
-        key = (module, name, phase, role, call, device)
-        site = self._sites.get(key)
-        if site is None:
-            buf = self._bufs.get(device)
-            if buf is None:
-                buf = self._bufs[device] = DeviceBuffer(device)
-            allow = phase in ("forward", "input") and any(
-                fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(f"{name}.{role}", pat)
-                for pat in self._allow_inf)
-            site = self._sites[key] = Site(name, phase, role, call, module, device,
-                                            buf.new_slot(), allow)
-        return site
+              device: torch.device, dtype=None) -> Site:
+        return self._rec.site(module, name, phase, role, call, device, dtype)
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -272,44 +340,53 @@ class Monitor(Decoder):
         self._record_ok(t, module, name, phase, role, call, sid)
 
     def _record_ok(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
-                   call: int, sid: int) -> None:
-        t = local_tensor(t)  # a DTensor's local shard (no communication)
-        site = self._site(module, name, phase, role, call, t.device)
-        ops.stats_into(t, self._bufs[t.device].records, site.slot)
+                   call: int, sid: int, site: Optional[Site] = None) -> None:
+        if site is None:
+            t = local_tensor(t)  # a DTensor's local shard (no communication)
+            site = self._site(module, name, phase, role, call, t.device, t.dtype)
+        ops.record_unchecked(t, site.buffer.records, site.slot)
         self._cur.order.append((site, sid))
         if self.config.sync:
             self._check_now(site, sid)
 
-    def _root_pre_hook(self, module, args, kwargs=None):
-        # kwargs=None: torch calls a hook removed during its module's call without them
-        if self._removed or _in_backward():
-            return None
+    def _on_root_forward(self, args, kwargs) -> None:
+        if self._removed:
+            return
+        if _is_compiling():
+            self._trace_inputs(args, kwargs)
+            return
+        if _in_backward():
+            return
         if self._dist is None and _distributed.initialized():  # initialised after watch()
             self._dist = _distributed.attach(self, agree=True)
         cur = self._cur
-        if not self._external_steps and (cur.forward or cur.backward or cur.order):
+        # a root forward is a step boundary until an optimizer has stepped (then the
+        # optimizer's steps are the steps); evaluation forwards never are
+        if not self._external_steps and not self._opt_stepped and \
+                (cur.forward or cur.backward or cur.order) and torch.is_grad_enabled() and \
+                not torch.is_inference_mode_enabled():
             self._end_step()
             cur = self._cur
         cur.forward = True
-        self._forward_tick = next(_FORWARD_TICKS)  # which model's step a loss belongs to
+        _FORWARD_TICKS[0] += 1
+        self._forward_tick = _FORWARD_TICKS[0]  # which model's step a loss belongs to
+        self._forward_thread = threading.get_ident()
         if cur.active:
-            sid = self._stacks.capture(1)
+            sid = self._stacks.capture(2)
             for role, t in walk(args, "input"):
                 self._record(t, -1, "<input>", "input", role, 0, sid)
             if kwargs:
                 for role, t in walk(kwargs, "input"):
                     self._record(t, -1, "<input>", "input", role, 0, sid)
-        return None
-
-    def _make_forward_hook(self, index: int):
-        def forward_hook(module, args, output):
-            if self._removed or not self._cur.active:
-                return None
-            self._on_forward(index, output)
-            return None
-        return forward_hook
 
     def _on_forward(self, index: int, output) -> None:
+        if self._removed:
+            return
+        if _is_compiling():
+            self._trace_forward(index, output)
+            return
+        if not self._cur.active:
+            return
         recompute = _in_backward()  # activation checkpointing re-runs forward in backward
         if recompute and self._calls[index]:
             # attribute to the original (last) call: its site and its forward stack
@@ -317,8 +394,11 @@ class Monitor(Decoder):
         else:
             call = self._calls[index]
             self._calls[index] = call + 1
-            sid = self._stacks.capture(2)
+            sid = self._stacks.capture(2, self._mod_stack[index])
             self._mod_stack[index] = sid
+        if type(output) in _PLAIN and not call and not recompute:
+            self._forward_tensor(index, output, sid)  # the common case: one tensor
+            return
         name = self._names[index]
         grad_on = torch.is_grad_enabled()
         seen = self._seen
@@ -337,43 +417,75 @@ class Monitor(Decoder):
             if not fwd_done and not recompute:
                 self._record_ok(t, index, name, "forward", role, call, sid)
             if want_bwd:
-                t.register_hook(self._make_grad_hook(index, "grad_" + role, call, sid))
+                t.register_hook(_GradHook(self, index, "grad_" + role, call, sid))
             if entry is None:
                 seen[id(t)] = (weakref.ref(t), True, want_bwd)
             elif want_bwd or not fwd_done:
                 seen[id(t)] = (entry[0], True, bwd_done or want_bwd)
 
-    def _make_grad_hook(self, index: int, role: str, call: int, sid: int):
-        def grad_hook(grad):
-            if self._removed or grad is None:
-                return None
-            self._cur.backward = True
-            self._record(grad, index, self._names[index], "backward", role, call, sid)
-            return None
-        return grad_hook
+    def _forward_tensor(self, index: int, t: torch.Tensor, sid: int) -> None:
+        """Hot path: a module's first call in the step returned one plain tensor."""
+        seen = self._seen
+        key = id(t)
+        entry = seen.get(key)
+        if entry is not None and entry[0]() is t:
+            if entry[2] or not (t.requires_grad and torch.is_grad_enabled()):
+                return  # an inner module returned the same tensor: recorded there
+            return self._on_forward_general(index, t, sid)
+        site = self._fwd_cache[index]
+        if site is None or site.device != t.device or site.dtype != t.dtype:
+            reason = unsupported(t)
+            if reason is not None:
+                self._skip(reason)
+                return
+            site = self._site(index, self._names[index], "forward", "output", 0,
+                              t.device, t.dtype)
+            self._fwd_cache[index] = site
+        elif t.layout is not torch.strided or t.is_nested:
+            self._skip(unsupported(t) or "unsupported layout")
+            return
+        self._record_ok(t, index, "", "", "", 0, sid, site)
+        want_bwd = t.requires_grad and torch.is_grad_enabled()
+        if want_bwd:
+            t.register_hook(_GradHook(self, index, "grad_output", 0, sid))
+        seen[key] = (weakref.ref(t), True, want_bwd)
 
-    def _make_param_hook(self, pindex: int):
-        def param_hook(param):
-            if self._removed or not self._cur.active:
-                return None
-            self._cur.backward = True
-            if self.config.sync or self._dist is not None:
-                # distributed: record now, before DDP's reducer (its hook runs after this
-                # one) all-reduces the gradient in place in a bucket view
-                module = self._param_sites[pindex][0]
-                if param.grad is not None:
-                    self._record(param.grad, module, self._names[module], "grad",
-                                 self._grad_roles[pindex], 0, self._mod_stack[module])
-                return None
-            self._grad_queue[pindex] = None
-            if not self._callback_queued:
-                try:
-                    torch.autograd.Variable._execution_engine.queue_callback(self._flush_grads)
-                    self._callback_queued = True
-                except RuntimeError:
-                    self._flush_grads()
-            return None
-        return param_hook
+    def _on_forward_general(self, index: int, t, sid: int) -> None:
+        # an inner module recorded this tensor's forward without a gradient hook
+        t.register_hook(_GradHook(self, index, "grad_output", 0, sid))
+        entry = self._seen[id(t)]
+        self._seen[id(t)] = (entry[0], True, True)
+
+    def _on_grad(self, index: int, role: str, call: int, sid: int, grad) -> None:
+        if self._removed or grad is None:
+            return
+        self._cur.backward = True
+        self._record(grad, index, self._names[index], "backward", role, call, sid)
+
+    def _on_param_grad(self, pindex: int, param) -> None:
+        if self._removed:
+            return
+        if _is_compiling():  # compiled autograd traces this hook
+            self._trace_param_grad(pindex, param)
+            return
+        if not self._cur.active:
+            return
+        self._cur.backward = True
+        if self.config.sync or self._dist is not None:
+            # distributed: record now, before DDP's reducer (its hook runs after this
+            # one) all-reduces the gradient in place in a bucket view
+            module = self._param_sites[pindex][0]
+            if param.grad is not None:
+                self._record(param.grad, module, self._names[module], "grad",
+                             self._grad_roles[pindex], 0, self._mod_stack[module])
+            return
+        self._grad_queue[pindex] = None
+        if not self._callback_queued:
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self._flush_grads)
+                self._callback_queued = True
+            except RuntimeError:
+                self._flush_grads()
 
     def _flush_grads(self) -> None:
         """Record the queued parameter gradients: one multi-tensor op per device."""
@@ -385,9 +497,9 @@ class Monitor(Decoder):
 
     def _record_param_tensors(self, phase: str, items, sid: Optional[int]) -> None:
         """Record ``(parameter index, tensor)`` pairs (gradients or weights) as ``phase``
-        sites with one multi-tensor op per device; ``sid`` None: the stack of each
+        sites with one multi-tensor op per buffer; ``sid`` None: the stack of each
         parameter's module forward call. DTensors (FSDP2) are recorded by their local shard."""
-        groups: Dict[torch.device, Tuple[list, list]] = {}
+        groups: Dict[object, Tuple[list, list]] = {}
         order = self._cur.order
         added = []
         for pindex, t in items:
@@ -400,17 +512,80 @@ class Monitor(Decoder):
                 continue
             module, pname = self._param_sites[pindex]
             role = self._grad_roles[pindex] if phase == "grad" else pname
-            site = self._site(module, self._names[module], phase, role, 0, t.device)
-            xs, slots = groups.setdefault(t.device, ([], []))
+            site = self._site(module, self._names[module], phase, role, 0, t.device, t.dtype)
+            xs, slots = groups.setdefault(site.buffer, ([], []))
             xs.append(t)
             slots.append(site.slot)
             added.append((site, self._mod_stack[module] if sid is None else sid))
         order.extend(added)
-        for device, (xs, slots) in groups.items():
-            ops.multi_stats_into(xs, self._bufs[device].records, slots)
+        for buf, (xs, slots) in groups.items():
+            ops.multi_record_unchecked(xs, buf.records, slots)
         if self.config.sync:
             for site, site_sid in added:
                 self._check_now(site, site_sid)
+
+    # ----------------------------------------------------------------- recording (traced)
+    #
+    # While torch.compile traces a hook, it runs these instead: op calls on tensors and
+    # constants only. The site (slot, stack) is found at trace time by ``_traced_site``,
+    # which Dynamo runs for real and bakes in as a constant; nothing here reads or writes
+    # per-step Python state (no guards, no recompiles, no graph breaks). Such records carry
+    # no per-step order list: see records.py.
+
+    def _trace_forward(self, index: int, output) -> None:
+        call = _trace_call(self, index)
+        for role, t in flat_tensors(output, "output", []):
+            if t.dtype not in ops.STATS_DTYPES or t.layout != torch.strided:
+                continue
+            grad = t.requires_grad and torch.is_grad_enabled()
+            slot, bslot, key, bkey = _traced_site(self, index, "forward", role, call,
+                                                  str(t.device), t.dtype, grad)
+            torch.ops.healthmon.stats_into(t.detach(), self._rec_tensor(key), slot)
+            if bslot >= 0:
+                t.register_hook(_traced_grad_hook(self._rec_tensor(bkey), bslot))
+
+    def _trace_inputs(self, args, kwargs) -> None:
+        tensors = flat_tensors(args, "input", [])
+        if kwargs:
+            flat_tensors(kwargs, "input", tensors)
+        for role, t in tensors:
+            if t.dtype not in ops.STATS_DTYPES or t.layout != torch.strided:
+                continue
+            slot, _, key, _ = _traced_site(self, -1, "input", role, 0, str(t.device),
+                                           t.dtype, False)
+            torch.ops.healthmon.stats_into(t.detach(), self._rec_tensor(key), slot)
+
+    def _trace_param_grad(self, pindex: int, param) -> None:
+        grad = param.grad
+        if grad is None:
+            return
+        slot, _, key, _ = _traced_site(self, pindex, "grad", "", 0, str(grad.device),
+                                       grad.dtype, False)
+        torch.ops.healthmon.stats_into(grad.detach(), self._rec_tensor(key), slot)
+
+    def _rec_tensor(self, key: int) -> torch.Tensor:
+        return self._rec.traced_tensors[key]
+
+    def _make_traced_site(self, module: int, phase: str, role: str, call: int,
+                          device: torch.device, dtype, grad: bool):
+        """Trace time: the sites of one traced record (see ``_traced_site_const``)."""
+        if phase == "grad":  # module is a parameter index
+            pindex = module
+            module, _ = self._param_sites[pindex]
+            role = self._grad_roles[pindex]
+            fwd = self._rec.sites.get((module, "forward", "output", 0, device))
+            sid = fwd.sid if fwd is not None else -1
+        else:
+            sid = self._stacks.intern_summary(traced_stack())
+        name = self._names[module] if module >= 0 else "<input>"
+        site = self._rec.site(module, name, phase, role, call, device, dtype,
+                              compiled=True, sid=sid)
+        bslot, bkey = -1, -1
+        if grad:
+            bsite = self._rec.site(module, name, "backward", "grad_" + role, call, device,
+                                   dtype, compiled=True, sid=sid)
+            bslot, bkey = bsite.slot, self._rec.tensor_key(bsite.buffer)
+        return site.slot, bslot, self._rec.tensor_key(site.buffer), bkey
 
     def _check_loss_target(self, loss: str, input: torch.Tensor, target: torch.Tensor,
                            num_classes: int, ignore_index: int) -> Optional[torch.Tensor]:
@@ -435,7 +610,7 @@ class Monitor(Decoder):
         meta = [tuple(target.shape), target.dtype, num_classes, ignore_index, False]
         cur.label_meta[site] = meta
         cur.order.append((site, sid))
-        records = self._bufs[target.device].records
+        records = site.buffer.records
         # distributed: never raise on one rank alone (the others would hang in the next
         # collective); the record is agreed on at the step boundary like any other
         if self._dist is None and (self.config.sync or
@@ -465,15 +640,31 @@ class Monitor(Decoder):
         self._record_param_tensors("param", ((i, p.detach()) for i, p in enumerate(self._params)),
                                    self._stacks.capture(2))
 
-    def _optimizer_hook(self, optimizer, args, kwargs) -> None:
-        if self._removed:
-            return
+    def _optimizer_owns(self, optimizer) -> bool:
         groups = optimizer.param_groups
         cached = self._opt_cache.get(optimizer)
         if cached is None or cached[0] != len(groups):
             ours = any(id(p) in self._param_ids for g in groups for p in g["params"])
             cached = self._opt_cache[optimizer] = (len(groups), ours)
-        if cached[1] and not self._external_steps:
+        return cached[1]
+
+    def _optimizer_pre_hook(self, optimizer, args, kwargs) -> None:
+        """Before the update: on CPU the step's records so far (gradients included) are
+        decoded now, so a bad gradient raises before it reaches the weights."""
+        if self._removed or not self._optimizer_owns(optimizer):
+            return
+        if self._grad_queue:
+            self._flush_grads()
+        cur = self._cur
+        if cur.order and self._pending is None and \
+                all(b.device.type == "cpu" for b in self._rec.buffers.values()):
+            self._decode_partial(cur)
+
+    def _optimizer_hook(self, optimizer, args, kwargs) -> None:
+        if self._removed or not self._optimizer_owns(optimizer):
+            return
+        self._opt_stepped = True
+        if not self._external_steps:
             self._end_step()
 
     # ----------------------------------------------------------------- step boundaries
@@ -521,37 +712,94 @@ class Monitor(Decoder):
         self._checked = len(self.anomalies)
         return new
 
+    def _new_step(self, index: int) -> None:
+        self.step_index = index
+        self._cur = Step(index, index % self.config.every == 0)
+        self._calls = [0] * len(self._modules)
+        self._seen = {}
+
     def _end_step(self, apply_policy: bool = True, next_index: Optional[int] = None) -> None:
         cur = self._cur
-        if not (cur.forward or cur.backward or cur.order):
+        compiled = self._rec.has_compiled
+        if not (cur.forward or cur.backward or cur.order or compiled):
             if next_index is not None:
-                self.step_index = next_index
-                self._cur = Step(next_index, next_index % self.config.every == 0)
+                self._new_step(next_index)
             return
         if self._grad_queue:
             self._flush_grads()
         if cur.active and cur.backward and self._params:  # training steps only
             self._record_params()
-        self.step_index = cur.index + 1 if next_index is None else next_index
-        self._cur = Step(self.step_index, self.step_index % self.config.every == 0)
-        self._calls = [0] * len(self._modules)
-        self._seen = {}
-        if not cur.order:
+        self._new_step(cur.index + 1 if next_index is None else next_index)
+        if not cur.order and not compiled:
             return
         previous = self._pending
         self._pending = None
         if previous is not None:  # the host buffers are reused: decode first
             self._decode(previous, apply_policy)
-        for buf in self._bufs.values():
-            buf.copy_to_host()
+        self._rec.copy_to_host()
+        self._rec.start_step()
         self._pending = cur
-        if all(d.type == "cpu" for d in self._bufs):
+        if all(b.device.type == "cpu" for b in self._rec.buffers.values()):
             self._decode_pending(apply_policy)
 
     def _decode_pending(self, apply_policy: bool = True) -> None:
         step, self._pending = self._pending, None
         if step is not None:
             self._decode(step, apply_policy)
+
+
+class _GradHook:
+    """Tensor hook on a module output: records its gradient (eager)."""
+
+    __slots__ = ("monitor", "index", "role", "call", "sid")
+
+    def __init__(self, monitor: Monitor, index: int, role: str, call: int, sid: int):
+        self.monitor, self.index, self.role, self.call, self.sid = monitor, index, role, call, sid
+
+    def __call__(self, grad):
+        self.monitor._on_grad(self.index, self.role, self.call, self.sid, grad)
+        return None
+
+
+skip_when_eager(_GradHook.__call__)
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _trace_call(monitor: Monitor, index: int) -> int:
+    return _trace_call_const(id(monitor), index)
+
+
+@torch._dynamo.assume_constant_result
+def _trace_call_const(monitor_id: int, index: int) -> int:
+    mon = _LIVE.get(monitor_id)
+    return mon._trace.call_index(index) if mon is not None else 0
+
+
+_LIVE: "weakref.WeakValueDictionary[int, Monitor]" = weakref.WeakValueDictionary()
+
+
+def _traced_site(monitor: Monitor, module: int, phase: str, role: str, call: int,
+                 device: str, dtype, grad: bool):
+    return _traced_site_const(id(monitor), module, phase, role, call, device, dtype, grad)
+
+
+@torch._dynamo.assume_constant_result
+def _traced_site_const(monitor_id: int, module: int, phase: str, role: str, call: int,
+                       device: str, dtype, grad: bool):
+    """Runs for real while Dynamo traces (its result is a constant of the graph): the
+    site's slot in the forward-side buffer, its gradient site's slot in the backward-side
+    buffer (-1: none), and the index of each buffer tensor in ``traced_tensors``."""
+    mon = _LIVE[monitor_id]
+    return mon._make_traced_site(module, phase, role, call, torch.device(device), dtype, grad)
+
+
+def _traced_grad_hook(records: torch.Tensor, slot: int):
+    def record_grad(grad):
+        if grad is not None:
+            torch.ops.healthmon.stats_into(grad.detach(), records, slot)
+        return None
+    return record_grad
+
 
 def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = None,
           sync: Optional[bool] = None, on_anomaly: Optional[str] = None, log=None,
@@ -592,5 +840,7 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
     config = resolve(every=every, sync=sync, on_anomaly=on_anomaly, log=log)
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"healthmon: prefix must be a str, got {type(prefix).__name__}")
-    return Monitor((model,) + more_modules, config, allow_inf=allow_inf, sinks=sinks,
-                   prefix=prefix or "")
+    mon = Monitor((model,) + more_modules, config, allow_inf=allow_inf, sinks=sinks,
+                  prefix=prefix or "")
+    _LIVE[id(mon)] = mon
+    return mon

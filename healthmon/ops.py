@@ -22,6 +22,7 @@ from ._layout import LABEL_FIELDS, NUM_LABEL, NUM_STATS, STATS_FIELDS
 BUILD_HINT = "make build  (or: pip install --no-build-isolation --no-deps -e .)"
 
 _native = None          # torch.ops.healthmon when the extension is loaded
+_fast = None            # healthmon._C (its pybind hot-path entries) when loaded
 _load_error: Optional[str] = None
 
 
@@ -43,6 +44,8 @@ def _load() -> None:
         raise ImportError("healthmon._C was built from another version of csrc/record.h; "
                           f"rebuild it with: {BUILD_HINT}")
     _native = torch.ops.healthmon
+    global _fast
+    _fast = _C if hasattr(_C, "record") else None  # an older build lacks the fast entry
 
 
 def extension_available() -> bool:
@@ -148,6 +151,26 @@ def stats_into(x: torch.Tensor, records: torch.Tensor, slot: int) -> None:
         reference.stats_into_ref(x, records, slot)
     else:
         _native.stats_into(x.detach(), records, slot)
+
+
+def record_unchecked(x: torch.Tensor, records: torch.Tensor, slot: int) -> None:
+    """The monitor's hot path: :func:`stats_into` without the Python argument checks (the
+    caller checked the site once; the kernels still check). One pybind call into the C++
+    dispatcher below autograd (no detach, no autograd bookkeeping); the reference when the
+    extension is missing. Not traceable: compiled code calls ``torch.ops.healthmon``."""
+    if _fast is not None:
+        _fast.record(x, records, slot)
+    else:
+        reference.stats_into_ref(x.detach(), records, slot)
+
+
+def multi_record_unchecked(xs, records: torch.Tensor, slots) -> None:
+    """:func:`multi_stats_into` without the Python argument checks (see
+    :func:`record_unchecked`)."""
+    if _fast is not None:
+        _fast.multi_record(list(xs), records, list(slots))
+    else:
+        reference.multi_stats_into_ref([x.detach() for x in xs], records, list(slots))
 
 
 def multi_stats(xs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,9 +1,21 @@
-"""The monitor's record bookkeeping: sites, per-device record buffers, steps.
+"""The recorder: sites, their preallocated device buffers, and the steps' execution order.
 
-A *site* is one place the monitor records, ``(module, phase, role, call, device)``, with a
-fixed row (slot) in its device's float64 record buffer; buffers grow only with the number of
-sites, never with steps. A :class:`Step` is the execution order of the records of one
-training step (``(site, stack id)`` pairs), decoded on the host at a step boundary.
+A *site* is one place the monitor records, ``(module, phase, role, call, device)``. It gets
+its row (slot) and its stack once, on its first call (eager) or when it is traced
+(``torch.compile``); after that a hook does one native call with precomputed arguments.
+
+Buffers: one float64 ``(capacity, NUM_STATS)`` tensor per device for forward-side records
+(inputs, outputs, labels, parameters) and one for backward-side records (output gradients,
+parameter gradients): a compiled graph that writes the same tensor in forward and in
+backward fails autograd's version-counter check. Buffers are allocated outside
+``inference_mode`` (so a first forward under ``inference_mode`` cannot make them inference
+tensors), sized from the model before the first step, and grow only in eager code, never
+while a graph is traced or captured: after warm-up their addresses stay fixed (CUDA graphs).
+
+A :class:`Step` is the execution order of the eager records of one step (``(site, stack
+id)`` pairs). Records written by compiled code have no per-step Python list (that would be
+state Dynamo guards on): each buffer's ``numel`` column is set to -1 at every step
+boundary, and a compiled site whose row holds ``numel >= 0`` was written in the step.
 """
 from __future__ import annotations
 
@@ -13,38 +25,59 @@ import torch
 
 from ._layout import NUM_STATS
 from .errors import Anomaly
+from .stacks import StackTable
+
+# phases whose records go to the backward buffer
+BACKWARD_PHASES = ("backward", "grad")
+# execution-order rank of a phase inside one step (merging compiled rows into the order)
+PHASE_RANK = {"input": 0, "forward": 1, "label": 2, "loss": 2, "backward": 3, "grad": 4,
+              "param": 5}
 
 
 class Site:
-    """One recording place and its buffer row; ``last_healthy`` is its last good record."""
+    """One recording place and its buffer row; ``last_healthy`` is its last good record.
+
+    ``compiled``: created while ``torch.compile`` traced it (its records are found by the
+    written marker, not by the step's order list); ``seq``: creation order."""
 
     __slots__ = ("name", "phase", "role", "call", "module", "device", "slot", "allow_inf",
-                 "last_healthy")
+                 "last_healthy", "dtype", "buffer", "compiled", "seq", "sid")
 
-    def __init__(self, name, phase, role, call, module, device, slot, allow_inf):
+    def __init__(self, name, phase, role, call, module, device, slot, allow_inf,
+                 dtype=None, buffer=None, compiled=False, seq=0, sid=-1):
         self.name, self.phase, self.role, self.call = name, phase, role, call
         self.module, self.device, self.slot, self.allow_inf = module, device, slot, allow_inf
+        self.dtype, self.buffer, self.compiled, self.seq, self.sid = \
+            dtype, buffer, compiled, seq, sid
         self.last_healthy = None
 
 
 class DeviceBuffer:
-    """Record rows of one device, and their host copy."""
+    """Record rows of one device and one side (forward / backward), and their host copy."""
 
     def __init__(self, device: torch.device, capacity: int = 64):
         self.device = device
-        self.records = torch.zeros(capacity, NUM_STATS, dtype=torch.float64, device=device)
+        self.records = _zeros(capacity, device)
         self.used = 0
         self.host: Optional[torch.Tensor] = None
         self.event = None
 
     def new_slot(self) -> int:
         if self.used == self.records.shape[0]:
-            grown = torch.zeros(2 * self.used, NUM_STATS, dtype=torch.float64,
-                                device=self.device)
+            if torch.compiler.is_compiling():
+                # never reallocate inside a traced / captured region: the last row is
+                # shared by the overflow sites (their records may mix; counted in skipped)
+                return -1
+            grown = _zeros(2 * self.used, self.device)
             grown[:self.used].copy_(self.records)
             self.records = grown
         self.used += 1
         return self.used - 1
+
+    def mark_unwritten(self) -> None:
+        """Set every row's ``numel`` to -1 (compiled sites: "not written this step")."""
+        with torch.inference_mode(False), torch.no_grad():
+            self.records[:self.used, 0].fill_(-1.0)
 
     def copy_to_host(self) -> None:
         n = self.used
@@ -65,11 +98,130 @@ class DeviceBuffer:
             self.event = None
 
 
+def _zeros(rows: int, device) -> torch.Tensor:
+    # a normal tensor even when the first site appears under inference_mode / no_grad
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.zeros(rows, NUM_STATS, dtype=torch.float64, device=device)
+
+
+SiteKey = Tuple[int, str, str, int, object]  # (module index, phase, role, call, device)
+
+
+class Recorder:
+    """Site table, buffers and stacks of one monitor.
+
+    Args:
+        capacity: rows preallocated per buffer (estimated from the model by the monitor).
+        allow_inf: ``(name, phase, role) -> bool``: whether the site may hold ±Inf.
+    """
+
+    def __init__(self, capacity: int, allow_inf):
+        self.capacity = max(16, int(capacity))
+        self.sites: Dict[SiteKey, Site] = {}
+        self.buffers: Dict[Tuple[torch.device, bool], DeviceBuffer] = {}
+        self.stacks = StackTable()
+        self.has_compiled = False
+        self.overflow = 0
+        # buffer tensors that compiled code reads, by a fixed index (a list Dynamo guards on
+        # by position; a buffer that grows replaces its entry)
+        self.traced_tensors: List[torch.Tensor] = []
+        self._traced_keys: Dict[int, int] = {}
+        self._allow_inf = allow_inf
+
+    def buffer(self, device: torch.device, backward: bool) -> DeviceBuffer:
+        buf = self.buffers.get((device, backward))
+        if buf is None:
+            buf = self.buffers[(device, backward)] = DeviceBuffer(device, self.capacity)
+        return buf
+
+    def site(self, module: int, name: str, phase: str, role: str, call: int,
+             device: torch.device, dtype=None, compiled: bool = False, sid: int = -1) -> Site:
+        """The site of these coordinates, created (slot allocated) on first use."""
+        key = (module, phase, role, call, device)
+        site = self.sites.get(key)
+        if site is None:
+            buf = self.buffer(device, phase in BACKWARD_PHASES)
+            slot = buf.new_slot()
+            if slot < 0:
+                self.overflow += 1
+                slot = buf.records.shape[0] - 1
+            site = self.sites[key] = Site(
+                name, phase, role, call, module, device, slot,
+                self._allow_inf(name, phase, role), dtype, buf, compiled, len(self.sites), sid)
+            self.has_compiled = self.has_compiled or compiled
+        return site
+
+    def tensor_key(self, buf: DeviceBuffer) -> int:
+        """Index of ``buf``'s tensor in :attr:`traced_tensors` (added on first use)."""
+        key = self._traced_keys.get(id(buf))
+        if key is None:
+            key = self._traced_keys[id(buf)] = len(self.traced_tensors)
+            self.traced_tensors.append(buf.records)
+        return key
+
+    def sync_traced(self) -> None:
+        """Point :attr:`traced_tensors` at the current buffers (after eager growth)."""
+        for buf in self.buffers.values():
+            key = self._traced_keys.get(id(buf))
+            if key is not None and self.traced_tensors[key] is not buf.records:
+                self.traced_tensors[key] = buf.records
+
+    def start_step(self) -> None:
+        """Step boundary, after the host copy: mark compiled rows as not written."""
+        if self.has_compiled:
+            self.sync_traced()
+            for buf in self.buffers.values():
+                buf.mark_unwritten()
+
+    def copy_to_host(self) -> None:
+        for buf in self.buffers.values():
+            buf.copy_to_host()
+
+    def wait(self) -> None:
+        for buf in self.buffers.values():
+            buf.wait()
+
+    def host_rows(self) -> Dict[DeviceBuffer, list]:
+        """Host copies as lists of rows, per buffer (after :meth:`wait`)."""
+        return {b: b.host.tolist() for b in self.buffers.values() if b.host is not None}
+
+    def compiled_written(self, hosts: Dict[DeviceBuffer, list]) -> List[Site]:
+        """Compiled sites written in the decoded step, in execution order: forward-side
+        sites in trace order, backward-side sites in reverse trace order (autograd runs the
+        graph backwards)."""
+        written = [s for s in self.sites.values() if s.compiled and s.buffer in hosts
+                   and hosts[s.buffer][s.slot][0] >= 0]
+        written.sort(key=lambda s: (PHASE_RANK.get(s.phase, 9),
+                                    -s.seq if s.phase in BACKWARD_PHASES else s.seq))
+        return written
+
+    def nbytes(self) -> int:
+        return sum(b.records.numel() * b.records.element_size() for b in self.buffers.values())
+
+
+def merge_order(eager: List[Tuple[Site, int]], compiled: List[Site]) -> List[Tuple[Site, int]]:
+    """The step's execution order: eager records as they ran, each compiled record placed
+    before the first eager record of a later phase (compiled forward rows before the eager
+    loss / backward rows, compiled gradients before the eager parameter records)."""
+    if not compiled:
+        return eager
+    out: List[Tuple[Site, int]] = []
+    i = 0
+    for site, sid in eager:
+        rank = PHASE_RANK.get(site.phase, 9)
+        while i < len(compiled) and PHASE_RANK.get(compiled[i].phase, 9) < rank:
+            out.append((compiled[i], compiled[i].sid))
+            i += 1
+        out.append((site, sid))
+    out.extend((s, s.sid) for s in compiled[i:])
+    return out
+
+
 class Step:
     """Records of one training step in execution order, plus sync-mode and label state."""
 
     __slots__ = ("index", "active", "order", "forward", "backward", "anomaly", "prev_bwd",
-                 "label_calls", "label_meta")
+                 "label_calls", "label_meta", "decoded", "partial_reported")
 
     def __init__(self, index: int, active: bool):
         self.index, self.active = index, active
@@ -80,3 +232,5 @@ class Step:
         self.prev_bwd = None   # sync mode: last healthy backward record (site, stack id)
         self.label_calls: Dict[str, int] = {}  # loss name -> calls so far
         self.label_meta: Dict[Site, list] = {}  # [shape, dtype, classes, ignore, reported]
+        self.decoded = 0  # records of ``order`` already decoded (before the update, on CPU)
+        self.partial_reported = False  # ``anomaly`` was reported by that early decode

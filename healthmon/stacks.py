@@ -18,6 +18,7 @@ from typing import Dict, List, Tuple
 StackKey = Tuple[Tuple[object, int], ...]
 
 _FULL = -1
+RECHECK = 6  # frames compared when a site's cached stack is re-checked
 
 
 def _is_machinery(filename: str) -> bool:
@@ -40,9 +41,21 @@ class StackTable:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def capture(self, skip: int = 1) -> int:
-        """Id of the current Python stack, starting ``skip`` frames above the caller."""
+    def capture(self, skip: int = 1, hint: int = -1) -> int:
+        """Id of the current Python stack, starting ``skip`` frames above the caller.
+
+        ``hint``: the id this call site had last time; when the innermost :data:`RECHECK`
+        frames still match it, it is returned without walking the whole stack (the hot
+        path: a module called from the same line every step)."""
         frame = sys._getframe(skip + 1)
+        if 0 <= hint < len(self._keys):
+            cached, f, i = self._keys[hint], frame, 0
+            n = min(RECHECK, len(cached))
+            while i < n and f is not None and f.f_code is cached[i][0] \
+                    and f.f_lineno == cached[i][1]:
+                f, i = f.f_back, i + 1
+            if i == n:
+                return hint
         key = []
         depth = self.max_depth
         while frame is not None and depth:
@@ -59,16 +72,66 @@ class StackTable:
             self._keys.append(key)
         return sid
 
+    def intern_summary(self, frames) -> int:
+        """Id of a stack given as ``(filename, lineno, name)`` triples, innermost first (a
+        stack captured while ``torch.compile`` traced the code: see :func:`traced_stack`)."""
+        key = tuple((str(f), int(n), str(name)) for f, n, name in frames)[:self.max_depth]
+        sid = self._ids.get(key)
+        if sid is None:
+            if len(self._keys) >= self.max_stacks:
+                return _FULL
+            sid = len(self._keys)
+            self._ids[key] = sid
+            self._keys.append(key)
+        return sid
+
     def frames(self, sid: int) -> List[traceback.FrameSummary]:
         """The stack ``sid`` as FrameSummary objects, outermost first (like
         ``traceback.extract_stack``); empty for an unknown id."""
         if sid is None or sid < 0 or sid >= len(self._keys):
             return []
         # drop the module-call / hook machinery frames (torch's Module.__call__ layers)
-        return [traceback.FrameSummary(code.co_filename, lineno, code.co_name)
-                for code, lineno in reversed(self._keys[sid])
-                if not _is_machinery(code.co_filename)]
+        out = []
+        for entry in reversed(self._keys[sid]):
+            if isinstance(entry[0], str):  # traced: (filename, lineno, name)
+                filename, lineno, name = entry
+            else:
+                filename, lineno, name = entry[0].co_filename, entry[1], entry[0].co_name
+            if not _is_machinery(filename):
+                out.append(traceback.FrameSummary(filename, lineno, name))
+        return out
 
     def clear(self) -> None:
         self._ids.clear()
         self._keys.clear()
+
+
+def _is_tracer(filename: str) -> bool:
+    name = filename.replace("\\", "/")
+    return "/torch/_dynamo/" in name or "/torch/_inductor/" in name or \
+        "/torch/_functorch/" in name or "/torch/fx/" in name or name.endswith(
+            ("/torch/nn/modules/module.py", "/healthmon/monitor.py", "/healthmon/hooks.py",
+             "/torch/_tensor.py", "/torch/utils/hooks.py"))
+
+
+def traced_stack(skip_inner: int = 1):
+    """The user's stack while ``torch.compile`` traces: the real frames that called the
+    compiled code (outer), then the frames Dynamo is tracing symbolically (inner), as
+    ``(filename, lineno, name)`` triples innermost first. ``skip_inner`` traced frames are
+    dropped (healthmon's own hook frames). Empty when the tracing context is unavailable.
+    Runs at trace time only (it is never part of a graph)."""
+    try:
+        from torch._guards import TracingContext
+        traced = [(fs.filename, fs.lineno, fs.name) for fs in TracingContext.extract_stack()]
+    except Exception:  # private API: a torch without it gives no inner frames
+        traced = []
+    traced = [t for t in traced if not _is_tracer(t[0])]
+    outer = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        if not _is_tracer(frame.f_code.co_filename) and \
+                not frame.f_code.co_filename.endswith("/healthmon/stacks.py"):
+            outer.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        frame = frame.f_back
+    # the outer frames run from the eval-frame machinery down: keep the user's ones only
+    return list(reversed(traced)) + outer

@@ -62,7 +62,7 @@ def test_remove_leaves_zero_hooks_and_attributes():
     before_attrs = [dict(vars(m)) for m in model.modules()]
     before_opt = global_optimizer_hooks()
     mon = healthmon.watch(model)
-    assert hook_count(model) > 0 and global_optimizer_hooks() == before_opt + 1
+    assert hook_count(model) > 0 and global_optimizer_hooks() == before_opt + 2  # pre- and post-step hooks
     train(model)
     mon.remove()
     assert hook_count(model) == 0
@@ -185,7 +185,7 @@ def test_sync_mode_raises_inside_the_forward_hook():
     ours = [fr for fr in tb if fr.filename == __file__]
     # the exception came out of the model call, through the hook (not a later line)
     assert ours[-1].lineno == user_line
-    assert any(fr.name == "forward_hook" and fr.filename.endswith("healthmon/monitor.py")
+    assert any(fr.name == "_on_forward" and fr.filename.endswith("healthmon/monitor.py")
                for fr in tb[tb.index(ours[-1]):])
     # and the report's innermost user frame is that line
     assert a.user_frames()[0].lineno == user_line

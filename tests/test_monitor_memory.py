@@ -103,12 +103,12 @@ def test_no_host_sync_inside_async_hooks(monkeypatch):
 
     for name in ("item", "cpu", "tolist", "__bool__"):
         guard(name)
-    original_stats_into = healthmon.ops.stats_into
+    original_stats_into = healthmon.ops.record_unchecked
 
     def counting(*args):
         calls["hot"] += 1
         return original_stats_into(*args)
-    monkeypatch.setattr(healthmon.ops, "stats_into", counting)
+    monkeypatch.setattr(healthmon.ops, "record_unchecked", counting)
 
     model = make()
     gen = torch.Generator().manual_seed(2)
