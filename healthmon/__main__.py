@@ -39,7 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      help="check inside each hook and raise at the line (HEALTHMON=sync)")
     run.add_argument("--every", type=int, default=None, metavar="N",
                      help="monitor one step in N (HEALTHMON_EVERY)")
-    run.add_argument("--on-anomaly", choices=("raise", "warn", "log"), default=None,
+    run.add_argument("--on-anomaly", choices=("raise", "warn", "log", "skip"), default=None,
                      help="policy (HEALTHMON_ON_ANOMALY; default raise)")
     run.add_argument("--log", default=None, metavar="PATH",
                      help="JSONL log of the records (HEALTHMON_LOG)")

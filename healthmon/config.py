@@ -7,7 +7,10 @@
                          checks at step boundaries (the default). ``sync``: check inside
                          each hook and raise there.
 ``HEALTHMON_EVERY``      integer N >= 1: monitor one step in N (default 1).
-``HEALTHMON_ON_ANOMALY`` ``raise`` (default) / ``warn`` / ``log``.
+``HEALTHMON_ON_ANOMALY`` ``raise`` (default) / ``warn`` / ``log`` / ``skip`` (a step whose
+                         records hold NaN/Inf does not update the weights; see
+                         :meth:`healthmon.Monitor` and the README).
+``HEALTHMON_MAX_SKIPS``  with ``skip``: consecutive skipped steps before raising (default 3).
 ``HEALTHMON_LOG``        path of a JSONL log (one line per site per monitored step, plus
                          anomalies); empty or unset: no log.
 =======================  ==========================================================
@@ -21,7 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-ON_ANOMALY = ("raise", "warn", "log")
+ON_ANOMALY = ("raise", "warn", "log", "skip")
 _OFF = ("off", "0", "false", "no")
 _ASYNC = ("on", "1", "true", "yes", "async")
 _SYNC = ("sync",)
@@ -36,6 +39,7 @@ class Config:
     every: int = 1
     on_anomaly: str = "raise"
     log: Optional[str] = None
+    max_skips: int = 3
 
 
 def _env(environ: Mapping[str, str], name: str) -> Optional[str]:
@@ -94,6 +98,8 @@ def resolve(every=None, sync=None, on_anomaly=None, log=None,
     env_on = _env(env, "HEALTHMON_ON_ANOMALY")
     env_on = parse_on_anomaly(env_on, "HEALTHMON_ON_ANOMALY") if env_on is not None else "raise"
     env_log = _env(env, "HEALTHMON_LOG")
+    env_skips = _env(env, "HEALTHMON_MAX_SKIPS")
+    max_skips = parse_every(env_skips, "HEALTHMON_MAX_SKIPS") if env_skips is not None else 3
 
     if sync is not None and not isinstance(sync, bool):
         raise ValueError(f"healthmon: sync must be True, False or None, got {sync!r}")
@@ -103,4 +109,4 @@ def resolve(every=None, sync=None, on_anomaly=None, log=None,
         raise TypeError(f"healthmon: log must be a path, got {type(log).__name__}")
     cfg_log = os.fspath(log) if log is not None else env_log
     return Config(enabled=enabled, sync=env_sync if sync is None else sync, every=cfg_every,
-                  on_anomaly=cfg_on, log=cfg_log or None)
+                  on_anomaly=cfg_on, log=cfg_log or None, max_skips=max_skips)

@@ -93,6 +93,8 @@ class Decoder:
                 step.partial_reported = True
                 self._report(first, apply_policy)
             return
+        if not rows and first is None:
+            return  # nothing ran in this step (compiled sites all unwritten)
         self._last_rows = rows
         self._last_step = step.index
         if self.sinks:
@@ -160,6 +162,10 @@ class Decoder:
             raise HealthError(anomaly)
         if mode == "warn":
             warnings.warn(anomaly.report(), RuntimeWarning, stacklevel=2)
+        elif mode == "skip":
+            warnings.warn(anomaly.report() + "\n  on_anomaly=skip: this step's update is "
+                          "skipped (the weights and the optimizer state stay as they were)",
+                          RuntimeWarning, stacklevel=2)
         else:
             _log.error("%s", anomaly.report())
 

@@ -18,6 +18,7 @@ guard is reference-counted by live monitors and uninstalled completely by the la
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -355,8 +356,10 @@ def _owner_of_open_step():
     """The monitor whose root forward ran most recently in a step still open: the loss of
     that model's step (several monitors: a GAN's generator and discriminator)."""
     best = None
+    thread = threading.get_ident()  # a model trained in another thread is not this loss's
     for mon in _owners:
-        if mon._cur.forward and (best is None or mon._forward_tick > best._forward_tick):
+        if mon._cur.forward and mon._forward_thread == thread and \
+                (best is None or mon._forward_tick > best._forward_tick):
             best = mon
     return best
 

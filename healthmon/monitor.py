@@ -115,6 +115,7 @@ class Monitor(Decoder):
         self.anomalies: List[Anomaly] = []
         self.dropped_anomalies = 0
         self.skipped: Dict[str, int] = {}
+        self.skipped_steps: List[int] = []  # on_anomaly="skip": steps whose update was dropped
         self.sinks = list(sinks)
         self.step_index = 0
         self._allow_inf = tuple(allow_inf)
@@ -144,6 +145,11 @@ class Monitor(Decoder):
         self._external_steps = False  # set_step() called: a trainer numbers the steps
         self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
         _distributed.agree_settings(config)  # a collective on every rank, also when off
+        if config.enabled and config.on_anomaly == "skip" and _distributed.initialized():
+            raise ValueError(
+                "healthmon: on_anomaly='skip' is not supported with torch.distributed yet "
+                "(every rank would have to agree before each update); use 'raise' (the "
+                "default), 'warn' or 'log'")
         if not config.enabled:
             return
         if config.log:
@@ -172,10 +178,7 @@ class Monitor(Decoder):
                 RootPreHook(self, roots[0], 0), with_kwargs=True))
             for r, root in enumerate(roots):
                 self._add_modules(root, self.prefix if r == 0 else type(root).__name__)
-            from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                               register_optimizer_step_pre_hook)
-            self._handles.append(register_optimizer_step_pre_hook(self._optimizer_pre_hook))
-            self._handles.append(register_optimizer_step_post_hook(self._optimizer_hook))
+            _optimizer_hooks.add(self)
         except Exception:
             self._detach()
             raise
@@ -269,6 +272,7 @@ class Monitor(Decoder):
 
     def _detach(self) -> None:
         labels.uninstall_loss_guard(self)
+        _optimizer_hooks.discard(self)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -408,7 +412,7 @@ class Monitor(Decoder):
                 entry = None
             fwd_done = entry is not None and entry[1]
             bwd_done = entry is not None and entry[2]
-            want_bwd = grad_on and t.requires_grad and not bwd_done
+            want_bwd = grad_on and t.requires_grad and t.grad_fn is not None and not bwd_done
             if not fwd_done and not recompute or want_bwd:
                 reason = unsupported(t)
                 if reason is not None:
@@ -429,7 +433,8 @@ class Monitor(Decoder):
         key = id(t)
         entry = seen.get(key)
         if entry is not None and entry[0]() is t:
-            if entry[2] or not (t.requires_grad and torch.is_grad_enabled()):
+            if entry[2] or not (t.requires_grad and t.grad_fn is not None and
+                                torch.is_grad_enabled()):
                 return  # an inner module returned the same tensor: recorded there
             return self._on_forward_general(index, t, sid)
         site = self._fwd_cache[index]
@@ -445,7 +450,9 @@ class Monitor(Decoder):
             self._skip(unsupported(t) or "unsupported layout")
             return
         self._record_ok(t, index, "", "", "", 0, sid, site)
-        want_bwd = t.requires_grad and torch.is_grad_enabled()
+        # a leaf (a module returning its own parameter) gets no hook: one would pile up per
+        # step on a tensor that lives forever; its gradient is recorded as a ``grad``
+        want_bwd = t.requires_grad and t.grad_fn is not None and torch.is_grad_enabled()
         if want_bwd:
             t.register_hook(_GradHook(self, index, "grad_output", 0, sid))
         seen[key] = (weakref.ref(t), True, want_bwd)
@@ -650,15 +657,42 @@ class Monitor(Decoder):
 
     def _optimizer_pre_hook(self, optimizer, args, kwargs) -> None:
         """Before the update: on CPU the step's records so far (gradients included) are
-        decoded now, so a bad gradient raises before it reaches the weights."""
+        decoded now, so a bad gradient raises before it reaches the weights. With
+        ``on_anomaly="skip"`` (any device: one host sync per step on an accelerator) a step
+        with an anomaly gets no update: see :meth:`_skip_update`."""
         if self._removed or not self._optimizer_owns(optimizer):
             return
         if self._grad_queue:
             self._flush_grads()
         cur = self._cur
-        if cur.order and self._pending is None and \
-                all(b.device.type == "cpu" for b in self._rec.buffers.values()):
+        skip = self.config.on_anomaly == "skip"
+        if cur.order and (skip or self._pending is None and
+                          all(b.device.type == "cpu" for b in self._rec.buffers.values())):
+            if self._pending is not None:
+                self._decode_pending()  # the previous step first: host buffers are shared
             self._decode_partial(cur)
+        if skip:
+            self._skip_update(optimizer, cur)
+
+    def _skip_update(self, optimizer, cur: Step) -> None:
+        """``on_anomaly="skip"``: when the step holds an anomaly, drop every gradient of
+        ``optimizer``'s parameters (``grad = None``) so that ``step()`` leaves the weights
+        and the optimizer's state (moments, step counts) untouched: every ``torch.optim``
+        optimizer, foreach and fused included, skips parameters without a gradient. After
+        ``max_skips`` consecutive skipped steps it raises instead."""
+        if cur.anomaly is None:
+            self._skips = 0
+            return
+        self._skips = getattr(self, "_skips", 0) + 1
+        if self._skips > self.config.max_skips:
+            from .errors import HealthError
+            raise HealthError(cur.anomaly, f"healthmon: {self._skips} consecutive steps "
+                              f"skipped (max_skips={self.config.max_skips}, "
+                              f"HEALTHMON_MAX_SKIPS); the last one:\n" + cur.anomaly.report())
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.skipped_steps.append(cur.index)
 
     def _optimizer_hook(self, optimizer, args, kwargs) -> None:
         if self._removed or not self._optimizer_owns(optimizer):
@@ -748,6 +782,48 @@ class Monitor(Decoder):
             self._decode(step, apply_policy)
 
 
+class _OptimizerHooks:
+    """One global pre- and post-step hook pair for every live monitor: torch iterates its
+    global hook dicts in ``step()``, so a monitor created or removed in one thread while
+    another thread steps must not change them (installed by the first monitor, removed
+    with the last)."""
+
+    def __init__(self):
+        self.monitors: List[Monitor] = []
+        self.handles: list = []
+        self.lock = threading.Lock()
+
+    def add(self, mon: Monitor) -> None:
+        with self.lock:
+            if not self.handles:
+                from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                                   register_optimizer_step_pre_hook)
+                self.handles = [register_optimizer_step_pre_hook(self.pre),
+                                register_optimizer_step_post_hook(self.post)]
+            self.monitors = self.monitors + [mon]  # copy on write: hooks iterate it
+
+    def discard(self, mon: Monitor) -> None:
+        with self.lock:
+            if mon not in self.monitors:
+                return
+            self.monitors = [m for m in self.monitors if m is not mon]
+            if not self.monitors:
+                for h in self.handles:
+                    h.remove()
+                self.handles = []
+
+    def pre(self, optimizer, args, kwargs) -> None:
+        for mon in self.monitors:
+            mon._optimizer_pre_hook(optimizer, args, kwargs)
+
+    def post(self, optimizer, args, kwargs) -> None:
+        for mon in self.monitors:
+            mon._optimizer_hook(optimizer, args, kwargs)
+
+
+_optimizer_hooks = _OptimizerHooks()
+
+
 class _GradHook:
     """Tensor hook on a module output: records its gradient (eager)."""
 
@@ -813,7 +889,9 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
         more_modules: further modules (their sites are prefixed with their class name).
         every: monitor one step in ``every`` (default ``HEALTHMON_EVERY`` or 1).
         sync: check inside each hook and raise there (default ``HEALTHMON=sync``).
-        on_anomaly: ``"raise"`` (default), ``"warn"`` or ``"log"``.
+        on_anomaly: ``"raise"`` (default), ``"warn"``, ``"log"`` or ``"skip"`` (a step
+            with an anomaly does not update the weights; raises after
+            ``HEALTHMON_MAX_SKIPS`` consecutive skips, default 3).
         log: path of a JSONL log (default ``HEALTHMON_LOG``).
         allow_inf: fnmatch patterns of sites (or ``site.role``) whose forward outputs /
             inputs may hold ±Inf (attention masks); NaN is never allowed.

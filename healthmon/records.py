@@ -202,14 +202,19 @@ class Recorder:
 def merge_order(eager: List[Tuple[Site, int]], compiled: List[Site]) -> List[Tuple[Site, int]]:
     """The step's execution order: eager records as they ran, each compiled record placed
     before the first eager record of a later phase (compiled forward rows before the eager
-    loss / backward rows, compiled gradients before the eager parameter records)."""
+    loss / backward rows, compiled gradients before the eager parameter records) and
+    before the eager forward records (the compiled root's own hooks)."""
     if not compiled:
         return eager
     out: List[Tuple[Site, int]] = []
     i = 0
+    forward = PHASE_RANK["forward"]
     for site, sid in eager:
         rank = PHASE_RANK.get(site.phase, 9)
-        while i < len(compiled) and PHASE_RANK.get(compiled[i].phase, 9) < rank:
+        # compiled outputs come before an eager one (the compiled root's own hooks run
+        # after its compiled body); eager gradients (of the graph's outputs) before them
+        while i < len(compiled) and (PHASE_RANK.get(compiled[i].phase, 9) < rank or
+                                     rank == forward == PHASE_RANK.get(compiled[i].phase)):
             out.append((compiled[i], compiled[i].sid))
             i += 1
         out.append((site, sid))

@@ -62,7 +62,7 @@ def test_remove_leaves_zero_hooks_and_attributes():
     before_attrs = [dict(vars(m)) for m in model.modules()]
     before_opt = global_optimizer_hooks()
     mon = healthmon.watch(model)
-    assert hook_count(model) > 0 and global_optimizer_hooks() == before_opt + 2  # pre- and post-step hooks
+    assert hook_count(model) > 0 and global_optimizer_hooks() == before_opt + 2  # one pre- and post-step pair for all monitors
     train(model)
     mon.remove()
     assert hook_count(model) == 0
