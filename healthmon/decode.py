@@ -22,6 +22,32 @@ _log = logging.getLogger("healthmon")
 MAX_ANOMALIES = 1000
 
 
+class _LazyRows:
+    """The decoded step's rows as ``(site, row list)`` pairs, converted on first use (most
+    steps are never looked at: the conversion is the cost of a healthy step)."""
+
+    __slots__ = ("_sites", "_hosts", "_rows")
+
+    def __init__(self, sites, hosts):
+        self._sites, self._hosts, self._rows = sites, hosts, None
+
+    def _materialize(self):
+        if self._rows is None:
+            lists = {b: h.tolist() for b, h in self._hosts.items()}
+            self._rows = [(s, lists[s.buffer][s.slot]) for s in self._sites]
+            self._hosts = None
+        return self._rows
+
+    def __iter__(self):
+        return iter(self._materialize())
+
+    def __len__(self):
+        return len(self._sites)
+
+    def __getitem__(self, i):
+        return self._materialize()[i]
+
+
 class Decoder:
     """Decoding, policy and inspection methods of :class:`~healthmon.Monitor`."""
 
@@ -37,27 +63,43 @@ class Decoder:
         self._decode(step, True, partial=True)
 
     def _decode(self, step: Step, apply_policy: bool, partial: bool = False) -> None:
+        """Turn the step's host rows into anomalies and sink rows.
+
+        Only rows with a nonzero NaN / ±Inf / bad-label count (columns 1-3, found with one
+        vectorised test per buffer) are converted to Python and judged; the healthy rows
+        stay in the host tensors, kept as the step's view (``records()`` and the sinks read
+        it) and copied into the last-healthy table in one indexed copy per buffer."""
         self._rec.wait()
-        hosts = self._rec.host_rows()
-        rows = []
+        hosts = self._rec.host_tensors()
+        flagged = {buf: set((h[:, 1:4] != 0).any(1).nonzero().flatten().tolist())
+                   for buf, h in hosts.items()}
         first: Optional[Anomaly] = None if partial else step.anomaly
         prev_bwd = None
-        order = step.order
-        if self._rec.has_compiled and not partial:
-            order = merge_order(order, self._rec.compiled_written(hosts))
         done = 0 if partial else step.decoded
+        order = step.order[step.decoded:] if partial else step.order
         if partial:
-            order = order[step.decoded:]
             step.decoded += len(order)
+        if self._rec.has_compiled and step.active and not step.compiled_decoded:
+            # (compiled code records every step: its cadence is applied here, so the
+            # graph never depends on the step number)
+            order = merge_order(order, self._rec.compiled_written(hosts))
+            step.compiled_decoded = partial
+        view = []  # (site, stack id) of the rows the sinks see, in execution order
         eager_seen = 0
         for site, sid in order:
-            row = hosts[site.buffer][site.slot]
             if not site.compiled:
                 eager_seen += 1
                 if eager_seen <= done:
                     if site.phase != "label":
-                        rows.append((site, row))  # checked before the update already
+                        view.append(site)  # checked before the update already
                     continue
+            if site.slot not in flagged[site.buffer]:
+                if site.phase != "label":
+                    view.append(site)
+                    if site.phase == "backward":
+                        prev_bwd = (site, sid)
+                continue
+            row = hosts[site.buffer][site.slot].tolist()
             if site.phase == "label":
                 meta = step.label_meta[site]
                 if row[LABEL["bad"]] and not meta[4] and (not self.config.sync or
@@ -70,10 +112,9 @@ class Decoder:
                     else:
                         first.consequences.append(anomaly)
                 continue
-            rows.append((site, row))
+            view.append(site)
             bad = self._bad(site, row)
             if not bad:
-                site.last_healthy = row
                 if site.phase == "backward":
                     prev_bwd = (site, sid)
                 continue
@@ -93,12 +134,14 @@ class Decoder:
                 step.partial_reported = True
                 self._report(first, apply_policy)
             return
-        if not rows and first is None:
+        if not view and first is None:
             return  # nothing ran in this step (compiled sites all unwritten)
-        self._last_rows = rows
+        self._rec.keep_healthy(view, hosts)
+        self._last_rows = _LazyRows(view, {b: h if b.device.type == "cpu" else h.clone()
+                                           for b, h in hosts.items()})
         self._last_step = step.index
         if self.sinks:
-            dicts = self._row_dicts(rows)
+            dicts = self._row_dicts(self._last_rows)
             for sink in self.sinks:
                 sink.write_step(step.index, dicts)
         if self._dist is not None and apply_policy:  # every rank takes the same branch
@@ -123,7 +166,7 @@ class Decoder:
             module = consumer.module
             which = site.role[len("grad_"):] if site.role.startswith("grad_") else site.role
             role = f"grad_input (gradient of {site.name} {which})"
-        last = site.last_healthy
+        last = self._rec.last_healthy(site)
         return Anomaly(site=name, phase=site.phase, role=role, step=step,
                        kind=self._bad(site, row), stats=TensorStats.from_record(row),
                        stack=self._stacks.frames(stack_id),

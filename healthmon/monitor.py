@@ -132,6 +132,8 @@ class Monitor(Decoder):
         self._mod_stack: List[int] = []
         self._calls: List[int] = []
         self._fwd_cache: List[Optional[Site]] = []  # module -> site of its call-0 "output"
+        self._bwd_sites: Dict[tuple, Site] = {}  # (module, role, call) -> its gradient site
+        self._param_cache: Dict[str, dict] = {}  # phase -> parameter -> (site, dtype, ...)
         self._seen: Dict[int, tuple] = {}  # id(tensor) -> (weakref, recorded fwd, hooked bwd)
         self._grad_queue: Dict[int, None] = {}
         self._callback_queued = False
@@ -421,7 +423,8 @@ class Monitor(Decoder):
             if not fwd_done and not recompute:
                 self._record_ok(t, index, name, "forward", role, call, sid)
             if want_bwd:
-                t.register_hook(_GradHook(self, index, "grad_" + role, call, sid))
+                t.grad_fn.register_prehook(_GradHook(self, index, "grad_" + role, call, sid,
+                                                     t.output_nr))
             if entry is None:
                 seen[id(t)] = (weakref.ref(t), True, want_bwd)
             elif want_bwd or not fwd_done:
@@ -452,22 +455,32 @@ class Monitor(Decoder):
         self._record_ok(t, index, "", "", "", 0, sid, site)
         # a leaf (a module returning its own parameter) gets no hook: one would pile up per
         # step on a tensor that lives forever; its gradient is recorded as a ``grad``
-        want_bwd = t.requires_grad and t.grad_fn is not None and torch.is_grad_enabled()
-        if want_bwd:
-            t.register_hook(_GradHook(self, index, "grad_output", 0, sid))
+        fn = t.grad_fn
+        want_bwd = fn is not None and torch.is_grad_enabled()
+        if want_bwd:  # a node pre-hook: cheaper than Tensor.register_hook, same gradient
+            fn.register_prehook(_GradHook(self, index, "grad_output", 0, sid, t.output_nr))
         seen[key] = (weakref.ref(t), True, want_bwd)
 
     def _on_forward_general(self, index: int, t, sid: int) -> None:
         # an inner module recorded this tensor's forward without a gradient hook
-        t.register_hook(_GradHook(self, index, "grad_output", 0, sid))
+        t.grad_fn.register_prehook(_GradHook(self, index, "grad_output", 0, sid, t.output_nr))
         entry = self._seen[id(t)]
         self._seen[id(t)] = (entry[0], True, True)
 
-    def _on_grad(self, index: int, role: str, call: int, sid: int, grad) -> None:
+    def _on_grad(self, hook: "_GradHook", grad) -> None:
         if self._removed or grad is None:
             return
         self._cur.backward = True
-        self._record(grad, index, self._names[index], "backward", role, call, sid)
+        site = hook.site
+        if site is None or site.device != grad.device or site.dtype != grad.dtype:
+            reason = unsupported(grad)
+            if reason is not None:
+                self._skip(reason)
+                return
+            grad = local_tensor(grad)
+            site = hook.site = self._site(hook.index, self._names[hook.index], "backward",
+                                          hook.role, hook.call, grad.device, grad.dtype)
+        self._record_ok(grad, 0, "", "", "", 0, hook.sid, site)
 
     def _on_param_grad(self, pindex: int, param) -> None:
         if self._removed:
@@ -505,26 +518,35 @@ class Monitor(Decoder):
     def _record_param_tensors(self, phase: str, items, sid: Optional[int]) -> None:
         """Record ``(parameter index, tensor)`` pairs (gradients or weights) as ``phase``
         sites with one multi-tensor op per buffer; ``sid`` None: the stack of each
-        parameter's module forward call. DTensors (FSDP2) are recorded by their local shard."""
+        parameter's module forward call. DTensors (FSDP2) are recorded by their local shard.
+        Sites are looked up once per (parameter, phase) and cached with the tensor's dtype
+        and device: a step costs a list comprehension and one native call per buffer."""
+        cache = self._param_cache.setdefault(phase, {})
         groups: Dict[object, Tuple[list, list]] = {}
-        order = self._cur.order
         added = []
+        mod_stack = self._mod_stack
         for pindex, t in items:
-            t = local_tensor(t)
             if t is None:
                 continue
-            reason = unsupported(t)
-            if reason is not None:
-                self._skip(reason)
-                continue
-            module, pname = self._param_sites[pindex]
-            role = self._grad_roles[pindex] if phase == "grad" else pname
-            site = self._site(module, self._names[module], phase, role, 0, t.device, t.dtype)
+            entry = cache.get(pindex)
+            if entry is None or entry[1] is not t.dtype or entry[2] != t.device \
+                    or type(t) not in _PLAIN:
+                t = local_tensor(t)
+                reason = unsupported(t)
+                if reason is not None:
+                    self._skip(reason)
+                    continue
+                module, pname = self._param_sites[pindex]
+                role = self._grad_roles[pindex] if phase == "grad" else pname
+                site = self._site(module, self._names[module], phase, role, 0, t.device,
+                                  t.dtype)
+                entry = cache[pindex] = (site, t.dtype, t.device, module)
+            site = entry[0]
             xs, slots = groups.setdefault(site.buffer, ([], []))
             xs.append(t)
             slots.append(site.slot)
-            added.append((site, self._mod_stack[module] if sid is None else sid))
-        order.extend(added)
+            added.append((site, mod_stack[entry[3]] if sid is None else sid))
+        self._cur.order.extend(added)
         for buf, (xs, slots) in groups.items():
             ops.multi_record_unchecked(xs, buf.records, slots)
         if self.config.sync:
@@ -644,8 +666,7 @@ class Monitor(Decoder):
         """Phase ``param``: every watched parameter as the step ends (after the optimizer's
         update when the boundary is its step hook): one multi-tensor op per device.
         Diverging weights show here before they poison the next forward."""
-        self._record_param_tensors("param", ((i, p.detach()) for i, p in enumerate(self._params)),
-                                   self._stacks.capture(2))
+        self._record_param_tensors("param", enumerate(self._params), self._stacks.capture(2))
 
     def _optimizer_owns(self, optimizer) -> bool:
         groups = optimizer.param_groups
@@ -699,14 +720,14 @@ class Monitor(Decoder):
             return
         self._opt_stepped = True
         if not self._external_steps:
-            self._end_step()
+            self._end_step(force=True)
 
     # ----------------------------------------------------------------- step boundaries
 
     def step(self) -> None:
         """Explicit step boundary (optional: boundaries are found automatically)."""
         if not self._removed:
-            self._end_step()
+            self._end_step(force=True)
 
     def set_step(self, global_step: int) -> None:
         """Let a trainer number the steps (the Lightning / HF callbacks call this at the
@@ -727,7 +748,7 @@ class Monitor(Decoder):
             return
         self._external_steps = True
         if global_step != self._cur.index:
-            self._end_step(next_index=global_step)
+            self._end_step(next_index=global_step, force=True)
 
     def check(self) -> List[Anomaly]:
         """Close the current step, wait for its records (synchronises) and apply the policy.
@@ -752,9 +773,13 @@ class Monitor(Decoder):
         self._calls = [0] * len(self._modules)
         self._seen = {}
 
-    def _end_step(self, apply_policy: bool = True, next_index: Optional[int] = None) -> None:
+    def _end_step(self, apply_policy: bool = True, next_index: Optional[int] = None,
+                  force: bool = False) -> None:
+        """End the current step. ``force``: a step ended for sure (an optimizer step,
+        ``step()``, ``set_step()``), even when only compiled code (which leaves no trace on
+        the host) recorded in it; otherwise a step with no eager activity is not a step."""
         cur = self._cur
-        compiled = self._rec.has_compiled
+        compiled = self._rec.has_compiled and force
         if not (cur.forward or cur.backward or cur.order or compiled):
             if next_index is not None:
                 self._new_step(next_index)
@@ -825,15 +850,23 @@ _optimizer_hooks = _OptimizerHooks()
 
 
 class _GradHook:
-    """Tensor hook on a module output: records its gradient (eager)."""
+    """Pre-hook of a module output's autograd node: records the output's gradient (eager).
+    ``site`` is looked up on the first call (then reused while device and dtype hold)."""
 
-    __slots__ = ("monitor", "index", "role", "call", "sid")
+    __slots__ = ("monitor", "index", "role", "call", "sid", "output_nr", "site")
 
-    def __init__(self, monitor: Monitor, index: int, role: str, call: int, sid: int):
+    def __init__(self, monitor: Monitor, index: int, role: str, call: int, sid: int,
+                 output_nr: int = 0):
         self.monitor, self.index, self.role, self.call, self.sid = monitor, index, role, call, sid
+        self.output_nr = output_nr
+        self.site = monitor._bwd_sites.get((index, role, call))
 
-    def __call__(self, grad):
-        self.monitor._on_grad(self.index, self.role, self.call, self.sid, grad)
+    def __call__(self, grad_outputs):
+        grad = grad_outputs[self.output_nr]
+        if grad is not None:
+            self.monitor._on_grad(self, grad)
+            if self.site is not None:
+                self.monitor._bwd_sites[(self.index, self.role, self.call)] = self.site
         return None
 
 

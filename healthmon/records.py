@@ -125,6 +125,7 @@ class Recorder:
         # buffer tensors that compiled code reads, by a fixed index (a list Dynamo guards on
         # by position; a buffer that grows replaces its entry)
         self.traced_tensors: List[torch.Tensor] = []
+        self._last_good: Dict[DeviceBuffer, torch.Tensor] = {}
         self._traced_keys: Dict[int, int] = {}
         self._allow_inf = allow_inf
 
@@ -181,16 +182,45 @@ class Recorder:
         for buf in self.buffers.values():
             buf.wait()
 
-    def host_rows(self) -> Dict[DeviceBuffer, list]:
-        """Host copies as lists of rows, per buffer (after :meth:`wait`)."""
-        return {b: b.host.tolist() for b in self.buffers.values() if b.host is not None}
+    def host_tensors(self) -> Dict[DeviceBuffer, torch.Tensor]:
+        """Host copies ``(used, NUM_STATS)`` per buffer (after :meth:`wait`)."""
+        return {b: b.host[:b.used] for b in self.buffers.values() if b.host is not None}
 
-    def compiled_written(self, hosts: Dict[DeviceBuffer, list]) -> List[Site]:
+    def keep_healthy(self, sites: List[Site], hosts: Dict[DeviceBuffer, torch.Tensor]) -> None:
+        """Copy the healthy rows of ``sites`` into the last-healthy table (one indexed copy
+        per buffer): the "last healthy record" an anomaly report shows."""
+        by_buf: Dict[DeviceBuffer, List[int]] = {}
+        for s in sites:
+            by_buf.setdefault(s.buffer, []).append(s.slot)
+        for buf, slots in by_buf.items():
+            h = hosts[buf]
+            table = self._last_good.get(buf)
+            if table is None or table.shape[0] < h.shape[0]:
+                grown = torch.full((buf.records.shape[0], NUM_STATS), -1.0, dtype=torch.float64)
+                if table is not None:
+                    grown[:table.shape[0]] = table
+                table = self._last_good[buf] = grown
+            index = torch.tensor(slots, dtype=torch.long)
+            rows = h.index_select(0, index)
+            ok = (rows[:, 1:4] == 0).all(1)
+            table.index_copy_(0, index[ok], rows[ok])
+
+    def last_healthy(self, site: Site) -> Optional[list]:
+        """The site's last healthy record (None when it never had one)."""
+        if site.last_healthy is not None:  # sync mode keeps it on the site
+            return site.last_healthy
+        table = self._last_good.get(site.buffer)
+        if table is None or site.slot >= table.shape[0] or table[site.slot, 0] < 0:
+            return None
+        return table[site.slot].tolist()
+
+    def compiled_written(self, hosts: Dict[DeviceBuffer, torch.Tensor]) -> List[Site]:
         """Compiled sites written in the decoded step, in execution order: forward-side
         sites in trace order, backward-side sites in reverse trace order (autograd runs the
         graph backwards)."""
-        written = [s for s in self.sites.values() if s.compiled and s.buffer in hosts
-                   and hosts[s.buffer][s.slot][0] >= 0]
+        numel = {b: h[:, 0].tolist() for b, h in hosts.items()}
+        written = [s for s in self.sites.values() if s.compiled and s.buffer in numel
+                   and numel[s.buffer][s.slot] >= 0]
         written.sort(key=lambda s: (PHASE_RANK.get(s.phase, 9),
                                     -s.seq if s.phase in BACKWARD_PHASES else s.seq))
         return written
@@ -226,7 +256,8 @@ class Step:
     """Records of one training step in execution order, plus sync-mode and label state."""
 
     __slots__ = ("index", "active", "order", "forward", "backward", "anomaly", "prev_bwd",
-                 "label_calls", "label_meta", "decoded", "partial_reported")
+                 "label_calls", "label_meta", "decoded", "partial_reported",
+                 "compiled_decoded")
 
     def __init__(self, index: int, active: bool):
         self.index, self.active = index, active
@@ -239,3 +270,4 @@ class Step:
         self.label_meta: Dict[Site, list] = {}  # [shape, dtype, classes, ignore, reported]
         self.decoded = 0  # records of ``order`` already decoded (before the update, on CPU)
         self.partial_reported = False  # ``anomaly`` was reported by that early decode
+        self.compiled_decoded = False  # the early decode judged the compiled rows too

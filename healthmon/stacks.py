@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 StackKey = Tuple[Tuple[object, int], ...]
 
 _FULL = -1
-RECHECK = 6  # frames compared when a site's cached stack is re-checked
+RECHECK = 2  # user frames compared when a site's cached stack is re-checked
 
 
 def _is_machinery(filename: str) -> bool:
@@ -37,6 +37,7 @@ class StackTable:
         self.max_stacks = max_stacks
         self._ids: Dict[StackKey, int] = {}
         self._keys: List[StackKey] = []
+        self._user_start: List[int] = []  # index of each stack's first user frame
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -47,15 +48,21 @@ class StackTable:
         ``hint``: the id this call site had last time; when the innermost :data:`RECHECK`
         frames still match it, it is returned without walking the whole stack (the hot
         path: a module called from the same line every step)."""
-        frame = sys._getframe(skip + 1)
         if 0 <= hint < len(self._keys):
-            cached, f, i = self._keys[hint], frame, 0
-            n = min(RECHECK, len(cached))
+            # compare the innermost user frames only: the machinery frames in between
+            # (torch's module call layers) are the same code every time
+            cached, start = self._keys[hint], self._user_start[hint]
+            try:
+                f = sys._getframe(skip + 1 + start)
+            except ValueError:
+                f = None
+            i, n = start, min(start + RECHECK, len(cached))
             while i < n and f is not None and f.f_code is cached[i][0] \
                     and f.f_lineno == cached[i][1]:
                 f, i = f.f_back, i + 1
             if i == n:
                 return hint
+        frame = sys._getframe(skip + 1)
         key = []
         depth = self.max_depth
         while frame is not None and depth:
@@ -70,6 +77,10 @@ class StackTable:
             sid = len(self._keys)
             self._ids[key] = sid
             self._keys.append(key)
+            self._user_start.append(next(
+                (i for i, (code, _) in enumerate(key) if not _is_machinery(code.co_filename)
+                 and not code.co_filename.endswith(("/healthmon/monitor.py",
+                                                    "/healthmon/hooks.py"))), 0))
         return sid
 
     def intern_summary(self, frames) -> int:
@@ -83,6 +94,7 @@ class StackTable:
             sid = len(self._keys)
             self._ids[key] = sid
             self._keys.append(key)
+            self._user_start.append(0)
         return sid
 
     def frames(self, sid: int) -> List[traceback.FrameSummary]:
@@ -104,6 +116,7 @@ class StackTable:
     def clear(self) -> None:
         self._ids.clear()
         self._keys.clear()
+        self._user_start.clear()
 
 
 def _is_tracer(filename: str) -> bool:
