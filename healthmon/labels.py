@@ -195,7 +195,14 @@ def bad_values(target: torch.Tensor, num_classes: int, ignore_index: int,
     Synchronises; only called on the bad path. Scans from flat index ``start`` (the first
     bad label) in chunks, so a huge target never gets a full-size int64 copy.
     """
-    t = target.detach().reshape(-1)
+    t = ops.physical(target.detach())  # under vmap: every sample, batch first
+    if t.dtype == torch.bool:
+        return ()
+    with torch._C._DisableFuncTorch():
+        return _bad_values(t.reshape(-1), num_classes, ignore_index, limit, start, chunk)
+
+
+def _bad_values(t, num_classes, ignore_index, limit, start, chunk):
     if t.dtype == torch.bool:
         return ()
     counts: dict = {}

@@ -413,7 +413,8 @@ class Monitor(Decoder):
                 self._check_now(site, site_sid)
 
     def _check_loss_target(self, loss: str, input: torch.Tensor, target: torch.Tensor,
-                           num_classes: int, ignore_index: int) -> Optional[torch.Tensor]:
+                           num_classes: int, ignore_index: int,
+                           role: str = "target") -> Optional[torch.Tensor]:
         """Label check of one class-index loss call (called by the loss guard).
 
         Sync mode and CPU targets: checked now; a bad label is reported at the call (raises
@@ -421,6 +422,8 @@ class Monitor(Decoder):
         accelerator: the fused kernel writes the record and an int64 copy of the target
         with bad labels replaced by ``ignore_index`` (no device assert can fire, no host
         sync); the record is decoded at the step boundary.
+
+        ``role``: ``"target"`` (losses) or ``labels.INDEX_ROLE`` (embedding indices).
 
         Returns:
             the target the loss should use instead, or None to keep the user's.
@@ -431,8 +434,8 @@ class Monitor(Decoder):
         call = cur.label_calls.get(loss, 0)
         cur.label_calls[loss] = call + 1
         sid = self._stacks.capture(2)
-        site = self._site(-1, loss, "label", "target", call, target.device)
-        meta = [tuple(target.shape), target.dtype, num_classes, ignore_index, False]
+        site = self._site(-1, loss, "label", role, call, target.device)
+        meta = [tuple(ops.physical(target).shape), target.dtype, num_classes, ignore_index, False]
         cur.label_meta[site] = meta
         cur.order.append((site, sid))
         records = self._bufs[target.device].records
@@ -441,21 +444,22 @@ class Monitor(Decoder):
         if self._dist is None and (self.config.sync or
                                    target.device.type in labels.SYNC_CHECK_DEVICES):
             record = ops.label_record(target, num_classes, ignore_index)
-            records[site.slot, :NUM_LABEL].copy_(record)
-            row = record.tolist()
+            ops.store_record(records, site.slot, record)  # also under torch.func transforms
+            row = ops.physical(record).tolist()
             if not row[LABEL["bad"]]:
                 return None
             meta[4] = True  # reported here, not again when the step is decoded
             stats = labels.LabelStats.from_record(
                 row, *meta[:4], bad_values=labels.bad_values(target, num_classes, ignore_index,
                                                    start=row[LABEL["first_bad"]]))
-            anomaly = labels.label_anomaly(stats, loss, self._stacks.frames(sid), cur.index)
+            anomaly = labels.label_anomaly(stats, loss, self._stacks.frames(sid), cur.index,
+                                           role=role)
             if self.config.sync and cur.anomaly is None:
                 cur.anomaly = anomaly
             self._report(anomaly, True)
             return ops.label_sanitize(target, num_classes, ignore_index)[1]
         record, clean = ops.label_sanitize(target, num_classes, ignore_index)
-        records[site.slot, :NUM_LABEL].copy_(record)
+        ops.store_record(records, site.slot, record)
         return clean
 
     def _record_params(self) -> None:
