@@ -28,6 +28,7 @@ from ._layout import LABEL
 from .errors import Anomaly, HealthError
 
 MAX_BAD_VALUES = 5
+INT64_MAX = (1 << 63) - 1
 # Devices whose label records the monitor reads back at the loss call even in async mode:
 # reading a CPU tensor is no device sync, and torch would raise at that very call anyway.
 SYNC_CHECK_DEVICES = ("cpu",)
@@ -181,6 +182,14 @@ def _validate(target, num_classes, ignore_index, logits=None) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"healthmon.check_labels: ignore_index must be an int, got "
                         f"{type(ignore_index).__name__}")
+    if num_classes > INT64_MAX or not -INT64_MAX - 1 <= ignore_index <= INT64_MAX:
+        raise ValueError(f"healthmon.check_labels: num_classes ({num_classes}) and "
+                         f"ignore_index ({ignore_index}) must fit in int64 (at most "
+                         f"{INT64_MAX}); pass the loss input's class count, input.shape[1]")
+    if target.device.type == "meta":
+        raise ValueError("healthmon.check_labels: target is a meta tensor, which has shape "
+                         "and dtype but no values to check; pass the real labels (e.g. "
+                         "after model.to_empty(device=...) and loading the data)")
     if logits is not None and logits.device != target.device:
         raise ValueError(f"healthmon.check_labels: target is on {target.device} but the "
                          f"input is on {logits.device}; move the target with "
@@ -206,14 +215,19 @@ def _bad_values(t, num_classes, ignore_index, limit, start, chunk):
     if t.dtype == torch.bool:
         return ()
     counts: dict = {}
+    wraps = t.dtype == torch.uint64  # values >= 2^63 read as negative int64
     for lo in range(max(start, 0), t.numel(), chunk):
-        # uint16/32/64 have few kernels: compare in int64 (uint64 >= 2^63 shows negative)
+        # uint16/32/64 have few kernels: compare in int64
         part = t[lo:lo + chunk].to(torch.int64)
         bad = ((part < 0) | (part >= num_classes)) & (part != ignore_index)
+        if wraps:  # a uint64 label >= 2^63 is always bad, never ignore_index (as the kernel)
+            bad |= part < 0
         if not bool(bad.any()):
             continue
         values, n = torch.unique(part[bad], return_counts=True)
         for v, c in zip(values.tolist(), n.tolist()):
+            if wraps and v < 0:
+                v += 1 << 64  # the uint64 value the user stored
             counts[v] = counts.get(v, 0) + c
     ranked = sorted(counts.items(), key=lambda vc: (-vc[1], vc[0]))
     return tuple(ranked[:limit])
@@ -368,6 +382,11 @@ def _owner_of_open_step():
     return best
 
 
+def _no_data(t: torch.Tensor) -> bool:
+    """Meta and fake tensors: shapes without values (nothing to check or record)."""
+    return t.device.type == "meta" or "Fake" in type(t).__name__
+
+
 def _make_guard(fn_name: str, original):
     loss_name = {"cross_entropy_loss": "cross_entropy", "nll_loss_nd": "nll_loss"}[fn_name]
 
@@ -386,6 +405,9 @@ def _make_guard(fn_name: str, original):
         owner = _owner_of_open_step()
         if owner is None:
             return original(*args, **kwargs)  # no watched forward in flight: not our loss
+        if _no_data(target) or _no_data(input):
+            owner._skip("meta / fake tensors have no data")  # shape inference: torch's to do
+            return original(*args, **kwargs)
         clean = owner._check_loss_target(loss_name, input, target, num_classes,
                                          int(ignore_index))
         if clean is not None:

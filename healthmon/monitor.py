@@ -591,10 +591,9 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
         if not isinstance(m, nn.Module):
             raise TypeError(f"healthmon.watch expects torch.nn.Module objects, got "
                             f"{type(m).__name__}")
-    if isinstance(allow_inf, str):
-        allow_inf = (allow_inf,)
-    config = resolve(every=every, sync=sync, on_anomaly=on_anomaly, log=log)
+    config = resolve(every=every, sync=sync, on_anomaly=on_anomaly, log=log,
+                     allow_inf=allow_inf)  # merged with HEALTHMON_ALLOW_INF
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"healthmon: prefix must be a str, got {type(prefix).__name__}")
-    return Monitor((model,) + more_modules, config, allow_inf=allow_inf, sinks=sinks,
+    return Monitor((model,) + more_modules, config, allow_inf=config.allow_inf, sinks=sinks,
                    prefix=prefix or "")

@@ -222,6 +222,9 @@ def _check_labels(target: torch.Tensor, num_classes: int) -> None:
         raise TypeError(f"healthmon: num_classes must be an int, got {type(num_classes).__name__}")
     if num_classes < 1:
         raise ValueError(f"healthmon: num_classes must be >= 1, got {num_classes}")
+    if num_classes >= 1 << 63:
+        raise ValueError(f"healthmon: num_classes must fit in int64 (< 2**63), got "
+                         f"{num_classes}")
 
 
 def label_record(target: torch.Tensor, num_classes: int, ignore_index: int = -100) -> torch.Tensor:
