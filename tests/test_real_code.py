@@ -176,3 +176,233 @@ def test_grad_and_jacrev_over_a_watched_model():
     for k in want_g:
         assert torch.equal(g[k], want_g[k]) and torch.equal(j[k], want_j[k])
     assert not mon.anomalies
+
+
+# ----------------------------------------------------------------------------- failing sinks
+
+class _DiskFull:
+    """A file object whose writes fail like a full disk."""
+
+    def __init__(self):
+        self.closed = False
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        raise OSError(28, "No space left on device")
+
+    def fileno(self):
+        raise OSError(9, "Bad file descriptor")
+
+    def close(self):
+        self.closed = True
+
+
+def _nan_steps(model, opt, steps, nan_at=None):
+    for i in range(steps):
+        x = torch.randn(4, 3)
+        if i == nan_at:
+            x[0, 0] = math.nan
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+
+
+def test_a_log_whose_writes_fail_warns_once_and_monitoring_goes_on(tmp_path):
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = healthmon.watch(model, log=tmp_path / "run.jsonl")
+    sink = mon.sinks[-1]
+    sink._file = _DiskFull()  # the disk fills up after the log was opened
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _nan_steps(model, opt, 3)
+        with pytest.raises(healthmon.HealthError):  # anomalies are still raised, not OSError
+            _nan_steps(model, opt, 2, nan_at=1)
+        mon.remove()
+    mine = [w for w in caught if "run.jsonl" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in caught]
+    assert "No space left on device" in str(mine[0].message)
+    assert isinstance(sink.failed, OSError)
+    assert mon.anomalies and mon.anomalies[0].kind == "nan"
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_log_on_dev_full_never_raises_out_of_the_loop():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = healthmon.watch(model, log="/dev/full", on_anomaly="warn")
+        _nan_steps(model, opt, 3, nan_at=1)  # the anomaly's flush + fsync hits ENOSPC
+        mon.remove()
+    texts = [str(w.message) for w in caught]
+    assert sum("'/dev/full'" in t and "failed" in t for t in texts) == 1, texts
+    assert mon.anomalies[0].step == 1 and mon.anomalies[0].kind == "nan"
+
+
+# ----------------------------------------------------------------------------- small edges
+
+def test_uint64_labels_above_2_63_show_as_unsigned_values():
+    big = 2 ** 64 - 100  # reads as -100 (== ignore_index) once cast to int64
+    target = torch.tensor([2 ** 63 + 5, 1, big], dtype=torch.uint64)
+    with pytest.raises(healthmon.HealthError) as err:
+        healthmon.check_labels(target, 4)
+    stats = err.value.anomaly.stats
+    assert stats.bad == 2
+    assert dict(stats.bad_values) == {2 ** 63 + 5: 1, big: 1}
+    assert "-" not in str(stats.bad_values)
+
+
+def test_meta_target_and_huge_num_classes_get_clear_errors():
+    with pytest.raises(ValueError, match="meta tensor"):
+        healthmon.check_labels(torch.zeros(3, dtype=torch.int64, device="meta"), 4)
+    with pytest.raises(ValueError, match="int64"):
+        healthmon.check_labels(torch.zeros(3, dtype=torch.int64), 2 ** 70)
+    with pytest.raises(ValueError, match="int64"):
+        ops.label_record(torch.zeros(3, dtype=torch.int64), 2 ** 70)
+
+
+def test_meta_loss_in_a_watched_step_passes_through():
+    """Shape inference on the meta device inside a monitored step: torch computes it, the
+    monitor skips it (counted) and the step boundary decodes cleanly."""
+    model = nn.Linear(4, 3)
+    with healthmon.watch(model) as mon:
+        model(torch.randn(2, 4))
+        out = F.cross_entropy(torch.randn(2, 3, device="meta"),
+                              torch.zeros(2, dtype=torch.int64, device="meta"))
+        assert out.device.type == "meta"
+        mon.check()
+    assert mon.skipped.get("meta / fake tensors have no data") == 1
+
+
+def test_multi_stats_of_an_empty_list_is_empty():
+    out = ops.multi_stats([])
+    assert out.shape == (0, NUM_STATS) and out.dtype == torch.float64
+
+
+def test_log_naming_a_directory_is_a_clear_value_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEALTHMON_LOG", str(tmp_path))
+    with pytest.raises(ValueError, match="HEALTHMON_LOG.*is a directory"):
+        healthmon.watch(nn.Linear(2, 2))
+    monkeypatch.delenv("HEALTHMON_LOG")
+    with pytest.raises(ValueError, match="log=.*is a directory"):
+        healthmon.watch(nn.Linear(2, 2), log=tmp_path)
+
+
+# ----------------------------------------------------------------------------- masks
+
+class _MaskedLM(nn.Module):
+    """Embedding, a causal TransformerEncoder and a head; the mask is an input."""
+
+    def __init__(self, vocab=11, d=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids, mask):
+        return self.head(self.encoder(self.emb(ids), mask=mask))
+
+
+def _mask_steps(model, mask, steps=2, **watch_kwargs):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with healthmon.watch(model, **watch_kwargs) as mon:
+        for _ in range(steps):
+            ids = torch.randint(0, 11, (2, mask.shape[0]))
+            loss = F.cross_entropy(model(ids, mask).flatten(0, 1), ids.flatten())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return mon
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_causal_mask_into_the_root_and_an_inner_encoder_is_not_an_anomaly(sync):
+    torch.manual_seed(0)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+
+    class Inner(nn.Module):  # the mask is made inside the model and passed to the encoder
+        def __init__(self):
+            super().__init__()
+            self.lm = _MaskedLM()
+            self.causal = _MakeMask()
+
+        def forward(self, ids):
+            return self.lm(ids, self.causal(ids.shape[1]))
+
+    mon = _mask_steps(_MaskedLM(), mask, sync=sync)
+    assert not mon.anomalies
+    model = Inner()
+    with healthmon.watch(model, sync=sync) as mon:
+        model(torch.randint(0, 11, (2, 5))).sum().backward()
+    assert not mon.anomalies
+    assert any(r["site"] == "causal" and r["neginf"] == 10 for r in mon.records())
+
+
+class _MakeMask(nn.Module):
+    def forward(self, n):
+        return nn.Transformer.generate_square_subsequent_mask(n)
+
+
+@pytest.mark.parametrize("bad", ["nan", "posinf", "neginf_next_to_finite"])
+def test_masks_that_are_not_pure_zero_minus_inf_stay_anomalies(bad):
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    value = {"nan": math.nan, "posinf": math.inf, "neginf_next_to_finite": 0.5}[bad]
+    mask[2, 1] = value
+    with pytest.raises(healthmon.HealthError) as err:
+        _mask_steps(_MaskedLM(), mask)
+    a = err.value.anomaly
+    assert (a.site, a.phase, a.role) == ("<input>", "input", "input[1]")
+    if bad != "nan":
+        text = str(err.value)
+        assert 'allow_inf=["<input>.input[1]"]' in text
+        assert "HEALTHMON_ALLOW_INF='<input>.input[1]'" in text
+
+
+def test_allow_inf_from_the_environment_and_the_argument_are_merged(monkeypatch):
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    mask[2, 1] = 0.5  # a mask with a nonzero finite bias: needs a pattern
+    monkeypatch.setenv("HEALTHMON_ALLOW_INF", " nothing.* , <input>.input[[]1]")
+    mon = _mask_steps(_MaskedLM(), mask)
+    assert not mon.anomalies
+    assert mon.config.allow_inf == ("nothing.*", "<input>.input[[]1]")
+    monkeypatch.setenv("HEALTHMON_ALLOW_INF", "nothing.*")
+    mon = _mask_steps(_MaskedLM(), mask, allow_inf=["<input>.*"])
+    assert not mon.anomalies and mon.config.allow_inf == ("<input>.*", "nothing.*")
+
+
+MASK_SCRIPT = """\
+import torch
+from torch import nn
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x, bias):
+        return (self.lin(x) + bias).softmax(-1)
+
+
+bias = nn.Transformer.generate_square_subsequent_mask(5)
+bias[2, 1] = 0.5  # an additive bias with a nonzero finite value: needs a pattern
+m = M()
+for _ in range(3):
+    m(torch.randn(5, 5), bias).sum().backward()
+print("done")
+"""
+
+
+def test_run_allow_inf_option(tmp_path, capsys):
+    from healthmon.__main__ import main
+    script = tmp_path / "train.py"
+    script.write_text(MASK_SCRIPT)
+    assert main(["run", "-q", str(script)]) == 1
+    assert "--allow-inf '<input>.input[1]'" in capsys.readouterr().err
+    assert main(["run", "-q", "--allow-inf", "nothing", "--allow-inf", "<input>.input?1?",
+                 str(script)]) == 0
+    assert "done" in capsys.readouterr().out
