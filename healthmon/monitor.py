@@ -58,7 +58,7 @@ from . import labels, ops
 from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
 from .errors import Anomaly
-from .hooks import local_tensor, unsupported, walk
+from .hooks import local_tensor, record_parts, unsupported, walk
 from .decode import Decoder
 from .records import DeviceBuffer, Site, Step
 from .stacks import StackTable
@@ -265,11 +265,12 @@ class Monitor(Decoder):
 
     def _record(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
                 call: int, sid: int) -> None:
-        reason = unsupported(t)
+        parts, reason = record_parts(t, role)  # subclasses: one row per inner tensor
         if reason is not None:
             self._skip(reason)
             return
-        self._record_ok(t, module, name, phase, role, call, sid)
+        for part_role, part in parts:
+            self._record_ok(part, module, name, phase, part_role, call, sid)
 
     def _record_ok(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
                    call: int, sid: int) -> None:
@@ -335,7 +336,7 @@ class Monitor(Decoder):
                     self._skip(reason)
                     continue
             if not fwd_done and not recompute:
-                self._record_ok(t, index, name, "forward", role, call, sid)
+                self._record(t, index, name, "forward", role, call, sid)
             if want_bwd:
                 t.register_hook(self._make_grad_hook(index, "grad_" + role, call, sid))
             if entry is None:
@@ -391,20 +392,20 @@ class Monitor(Decoder):
         order = self._cur.order
         added = []
         for pindex, t in items:
-            t = local_tensor(t)
             if t is None:
-                continue
-            reason = unsupported(t)
-            if reason is not None:
-                self._skip(reason)
                 continue
             module, pname = self._param_sites[pindex]
             role = self._grad_roles[pindex] if phase == "grad" else pname
-            site = self._site(module, self._names[module], phase, role, 0, t.device)
-            xs, slots = groups.setdefault(t.device, ([], []))
-            xs.append(t)
-            slots.append(site.slot)
-            added.append((site, self._mod_stack[module] if sid is None else sid))
+            parts, reason = record_parts(t, role)  # DTensor shard; subclass inner tensors
+            if reason is not None:
+                self._skip(reason)
+                continue
+            for part_role, t in parts:
+                site = self._site(module, self._names[module], phase, part_role, 0, t.device)
+                xs, slots = groups.setdefault(t.device, ([], []))
+                xs.append(t)
+                slots.append(site.slot)
+                added.append((site, self._mod_stack[module] if sid is None else sid))
         order.extend(added)
         for device, (xs, slots) in groups.items():
             ops.multi_stats_into(xs, self._bufs[device].records, slots)

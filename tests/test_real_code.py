@@ -406,3 +406,72 @@ def test_run_allow_inf_option(tmp_path, capsys):
     assert main(["run", "-q", "--allow-inf", "nothing", "--allow-inf", "<input>.input?1?",
                  str(script)]) == 0
     assert "done" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- subclasses
+
+def _two(a, b):
+    from torch.testing._internal.two_tensor import TwoTensor
+    return TwoTensor(a, b)
+
+
+def test_wrapper_subclass_is_recorded_by_its_inner_tensors():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    bad = x.clone()
+    bad[1, 1] = math.nan  # only in the FIRST inner tensor: last-one-wins would hide it
+    with healthmon.watch(model) as mon:
+        model(_two(x, x.clone())).sum().backward()
+        mon.check()
+        roles = {(r["site"], r["phase"], r["role"]) for r in mon.records()}
+        assert {("<input>", "input", "input[0].a"), ("<input>", "input", "input[0].b"),
+                ("<model>", "forward", "output.a"), ("<model>", "forward", "output.b")} <= roles
+        assert not any(r["role"] in ("input[0]", "output") for r in mon.records())
+        with pytest.raises(healthmon.HealthError) as err:
+            model(_two(bad, x.clone())).sum().backward()
+            mon.check()
+    a = err.value.anomaly
+    assert (a.site, a.phase, a.role, a.stats.nan) == ("<input>", "input", "input[0].a", 1)
+
+
+def test_wrapper_subclass_gradient_and_parameter_rows():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    w = model.weight.detach()
+    model.weight = nn.Parameter(_two(w.clone(), w.clone()))
+    with healthmon.watch(model) as mon:
+        model(torch.randn(4, 3)).sum().backward()
+        mon.check()
+    roles = {(r["phase"], r["role"]) for r in mon.records()}
+    assert {("grad", "weight.a"), ("grad", "weight.b"), ("param", "weight.a"),
+            ("param", "weight.b"), ("backward", "grad_output.a")} <= roles
+    assert not mon.anomalies
+
+
+def test_dispatch_subclass_without_flatten_is_skipped_with_a_reason():
+    class Opaque(torch.Tensor):
+        @staticmethod
+        def __new__(cls, inner):
+            return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype)
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            unwrap = lambda t: t.inner if isinstance(t, Opaque) else t  # noqa: E731
+            args = torch.utils._pytree.tree_map(unwrap, args)
+            kwargs = torch.utils._pytree.tree_map(unwrap, kwargs or {})
+            return func(*args, **kwargs)
+
+    class Id(nn.Module):
+        def forward(self, x):
+            return torch.ones(1)  # the opaque input only
+
+    model = Id()
+    with healthmon.watch(model) as mon:
+        model(Opaque(torch.tensor([math.nan, 1.0])))
+        mon.check()
+    assert any("Opaque" in reason and "__tensor_flatten__" in reason for reason in mon.skipped)
+    assert not mon.anomalies and all(r["role"] != "input[0]" for r in mon.records())
