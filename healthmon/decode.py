@@ -42,7 +42,7 @@ class Decoder:
                                                           self._dist is not None):
                     stats = labels.LabelStats.from_record(row[:NUM_LABEL], *meta[:4])
                     anomaly = labels.label_anomaly(stats, site.name, self._stacks.frames(sid),
-                                                   step.index)
+                                                   step.index, role=site.role)
                     if first is None:
                         first = anomaly
                     else:

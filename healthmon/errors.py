@@ -22,7 +22,7 @@ class Anomaly:
             ``weight``, ``target``).
         step: training step at which it was produced (-1: outside a monitored step, e.g.
             :func:`~healthmon.check_labels`).
-        kind: ``"nan"``, ``"inf"`` or ``"label"``.
+        kind: ``"nan"``, ``"inf"``, ``"label"`` or ``"index"`` (embedding indices).
         stats: the :class:`~healthmon.TensorStats` (or ``LabelStats``) of the bad tensor.
         stack: frames of the code that produced it, outermost first (as
             ``traceback.extract_stack`` gives them).
@@ -60,7 +60,8 @@ class Anomaly:
         return f"{self.kind_text()} in {self.where}: {self.stats.describe()}"
 
     def kind_text(self) -> str:
-        return {"nan": "NaN", "inf": "Inf", "label": "out-of-range labels"}.get(self.kind, self.kind)
+        return {"nan": "NaN", "inf": "Inf", "label": "out-of-range labels",
+                "index": "out-of-range embedding indices"}.get(self.kind, self.kind)
 
     def user_frames(self) -> List[traceback.FrameSummary]:
         """Frames of the stack outside torch, healthmon and the interpreter's own, innermost

@@ -18,6 +18,7 @@ guard is reference-counted by live monitors and uninstalled completely by the la
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -57,6 +58,9 @@ class LabelStats:
             first (empty when not computed, e.g. for records decoded asynchronously).
         first_sample: for :func:`check_dataset_labels`, the dataset index of the first
             offending sample (None otherwise).
+        what: ``"label"`` (class indices of a loss) or ``"index"`` (embedding indices:
+            ``num_classes`` is then ``num_embeddings`` and ``ignore_index`` the
+            ``padding_idx``, or 0 when there is none).
     """
     numel: int
     bad: int
@@ -70,6 +74,7 @@ class LabelStats:
     ignore_index: int = -100
     bad_values: Tuple[Tuple[int, int], ...] = ()
     first_sample: Optional[int] = None
+    what: str = "label"
 
     @classmethod
     def from_record(cls, record: Sequence, shape=(), dtype=None, num_classes: int = 0,
@@ -121,6 +126,8 @@ class LabelStats:
 
     def describe(self) -> str:
         """One line: how many labels are bad, which values, where the first one is."""
+        if self.what == "index":
+            return self._describe_indices()
         if self.ok:
             return (f"all {self.numel} labels in [0, {self.num_classes}) or ignore_index "
                     f"{self.ignore_index} ({self.ignored} ignored)")
@@ -136,10 +143,42 @@ class LabelStats:
             text += f"; first bad label at {self.where_text()}"
         return text
 
+    def _describe_indices(self) -> str:
+        if self.ok:
+            return f"all {self.numel} indices in [0, {self.num_classes})"
+        dtype = str(self.dtype).replace("torch.", "") if self.dtype is not None else "?"
+        text = (f"{self.bad} of {self.numel} indices outside [0, {self.num_classes}) "
+                f"(num_embeddings {self.num_classes}); indices dtype {dtype}, "
+                f"range [{self.min}, {self.max}]")
+        if self.bad_values:
+            text += "; bad values: " + ", ".join(f"{v} ({n}x)" for v, n in self.bad_values)
+        if self.first_bad >= 0:
+            text += f"; first bad index at {self.where_text()}"
+        return text
+
+    def _index_hint(self) -> Optional[str]:
+        values = [v for v, _ in self.bad_values] or [self.min, self.max]
+        if any(v >= self.num_classes for v in values):
+            top = max(max(values), self.max)
+            return (f"token id {top} does not fit an embedding of num_embeddings="
+                    f"{self.num_classes}: the tokenizer's vocabulary is larger than the "
+                    f"model's (a tokenizer with added tokens, or another model's tokenizer). "
+                    f"Resize the embedding to the tokenizer (transformers: "
+                    f"model.resize_token_embeddings(len(tokenizer))) or build it with "
+                    f"num_embeddings >= {top + 1}.")
+        if any(v < 0 for v in values):
+            low = min(min(values), self.min)
+            return (f"negative id {low}: embeddings have no negative rows (-100 is a label "
+                    f"ignore_index, not an input id; -1 is not a padding id). Map it to the "
+                    f"pad token id and pass padding_idx=<pad id> to nn.Embedding.")
+        return None
+
     def hint(self) -> Optional[str]:
         """Why it probably happened, when the values say so (None otherwise)."""
         if self.ok or self.dtype is None:
             return None
+        if self.what == "index":
+            return self._index_hint()
         if not self.dtype.is_floating_point and self.dtype != torch.bool:
             info = torch.iinfo(self.dtype)
             unsigned = info.min == 0
@@ -233,9 +272,16 @@ def _bad_values(t, num_classes, ignore_index, limit, start, chunk):
     return tuple(ranked[:limit])
 
 
+INDEX_ROLE = "indices"  # role of embedding index checks (losses: "target")
+
+
 def label_anomaly(stats: LabelStats, site: str, stack=(), step: int = -1,
                   role: str = "target") -> Anomaly:
-    """The :class:`Anomaly` of a failed label check (phase ``label``, kind ``label``)."""
+    """The :class:`Anomaly` of a failed label check (phase ``label``, kind ``label``; for
+    embedding indices, role :data:`INDEX_ROLE`: kind ``index``)."""
+    if role == INDEX_ROLE:
+        return Anomaly(site=site, phase="label", role=role, step=step, kind="index",
+                       stats=replace(stats, what="index"), stack=list(stack))
     return Anomaly(site=site, phase="label", role=role, step=step, kind="label",
                    stats=stats, stack=list(stack))
 
@@ -423,15 +469,65 @@ def _make_guard(fn_name: str, original):
     return guarded
 
 
+EMBEDDING_SITE = "embedding"
+
+
+def _make_embedding_guard(original):
+    """``torch.embedding(weight, indices, padding_idx, scale_grad_by_freq, sparse)``: the
+    entry point of ``nn.Embedding`` and ``F.embedding`` (which has already turned a negative
+    ``padding_idx`` into a row number, and None into -1)."""
+
+    def embedding(*args, **kwargs):
+        if not _owners or torch.compiler.is_compiling():
+            return original(*args, **kwargs)
+        weight = args[0] if args else kwargs.get("weight")
+        indices = args[1] if len(args) > 1 else kwargs.get("indices")
+        if not isinstance(weight, torch.Tensor) or not isinstance(indices, torch.Tensor) \
+                or weight.dim() != 2 or indices.dtype not in (torch.int64, torch.int32):
+            return original(*args, **kwargs)  # torch raises its own error for these
+        owner = _owner_of_open_step()
+        if owner is None:
+            return original(*args, **kwargs)  # no watched forward in flight
+        if _no_data(indices) or _no_data(weight):
+            owner._skip("meta / fake tensors have no data")
+            return original(*args, **kwargs)
+        num = int(weight.shape[0])
+        padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
+        # a valid row: no bad index can equal it, and the sanitised copy (accelerators,
+        # async) sends bad indices to the padding row, else to row 0
+        fill = int(padding_idx) if padding_idx is not None and 0 <= padding_idx < num else 0
+        if num < 1:
+            return original(*args, **kwargs)
+        clean = owner._check_loss_target(EMBEDDING_SITE, weight, indices, num, fill,
+                                         role=INDEX_ROLE)
+        if clean is not None:
+            if len(args) > 1:
+                args = (args[0], clean) + tuple(args[2:])
+            else:
+                kwargs["indices"] = clean
+        return original(*args, **kwargs)
+
+    embedding.__name__ = embedding.__qualname__ = "embedding"
+    embedding.__wrapped__ = original
+    return embedding
+
+
+def _guard_targets():
+    """``(namespace, attribute, guard maker)`` of every wrapped entry point."""
+    return [(torch._C._nn, name, functools.partial(_make_guard, name)) for name in _GUARDED] \
+        + [(torch, "embedding", _make_embedding_guard)]
+
+
 def install_loss_guard(monitor) -> None:
-    """Route class-index losses through ``monitor`` (reference-counted per monitor)."""
+    """Route class-index losses and embedding lookups through ``monitor`` (reference-counted
+    per monitor; the first installs the wrappers)."""
     if monitor in _owners:
         return
     if not _owners:
-        for name in _GUARDED:
-            original = getattr(torch._C._nn, name)
-            _originals[name] = original
-            setattr(torch._C._nn, name, _make_guard(name, original))
+        for namespace, name, make in _guard_targets():
+            original = getattr(namespace, name)
+            _originals[(namespace, name)] = original
+            setattr(namespace, name, make(original))
     _owners.append(monitor)
 
 
@@ -441,13 +537,13 @@ def uninstall_loss_guard(monitor) -> None:
         return
     _owners.remove(monitor)
     if not _owners:
-        for name, original in _originals.items():
-            setattr(torch._C._nn, name, original)
+        for (namespace, name), original in _originals.items():
+            setattr(namespace, name, original)
         _originals.clear()
 
 
 def loss_guard_installed() -> bool:
-    """Whether the loss entry points are currently wrapped."""
-    return any(getattr(getattr(torch._C._nn, n), "__wrapped__", None) is not None
-               for n in _GUARDED)
+    """Whether the loss / embedding entry points are currently wrapped."""
+    return any(getattr(getattr(ns, n), "__wrapped__", None) is not None
+               for ns, n, _ in _guard_targets())
 

@@ -475,3 +475,96 @@ def test_dispatch_subclass_without_flatten_is_skipped_with_a_reason():
         mon.check()
     assert any("Opaque" in reason and "__tensor_flatten__" in reason for reason in mon.skipped)
     assert not mon.anomalies and all(r["role"] != "input[0]" for r in mon.records())
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+class _TokenLM(nn.Module):
+    def __init__(self, vocab=10, d=4, padding_idx=None, functional=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.head = nn.Linear(d, vocab)
+        self.functional = functional
+
+    def forward(self, ids):
+        if self.functional:
+            return self.head(F.embedding(ids, self.emb.weight))
+        return self.head(self.emb(ids))
+
+
+def _bad_ids():
+    ids = torch.randint(1, 10, (2, 6))
+    ids[0, 5] = 12
+    ids[1, 3] = 12
+    ids[1, 4] = 10
+    return ids
+
+
+@pytest.mark.parametrize("sync", [False, True])
+@pytest.mark.parametrize("functional", [False, True])
+def test_out_of_range_token_ids_are_a_health_error(functional, sync):
+    model = _TokenLM(functional=functional)
+    with healthmon.watch(model, sync=sync):
+        with pytest.raises(healthmon.HealthError) as err:
+            model(_bad_ids())
+    a = err.value.anomaly
+    assert (a.site, a.phase, a.role, a.kind) == ("embedding", "label", "indices", "index")
+    s = a.stats
+    assert (s.bad, s.numel, s.num_classes) == (3, 12, 10)
+    assert s.bad_values == ((12, 2), (10, 1)) and s.first_bad_index == (0, 5)
+    text = str(err.value)
+    assert "out-of-range embedding indices" in text and "labels" not in text
+    assert "3 of 12 indices outside [0, 10)" in text and "(batch 0, position 5)" in text
+    assert "vocabulary is larger than the model's" in text and "num_embeddings >= 13" in text
+    assert "test_real_code.py" in text  # the user's line that called the embedding
+
+
+def test_negative_ids_get_their_own_hint_and_padding_idx_is_valid():
+    model = _TokenLM(padding_idx=-1)  # row 9 after F.embedding's normalisation
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with healthmon.watch(model) as mon:
+        for _ in range(3):
+            ids = torch.randint(0, 10, (2, 6))
+            ids[:, -2:] = 9  # padding
+            opt.zero_grad()
+            F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+            opt.step()
+        mon.check()
+        ids[0, 0] = -1
+        with pytest.raises(healthmon.HealthError) as err:
+            model(ids)
+    assert not mon.anomalies[:-1]
+    assert err.value.anomaly.stats.bad_values == ((-1, 1),)
+    assert "negative id -1" in str(err.value) and "padding_idx" in str(err.value)
+
+
+def test_async_accelerator_path_sanitises_the_indices_and_reports_at_the_boundary(monkeypatch):
+    """As on a GPU in async mode: no check at the call (no host sync), the lookup gets a
+    copy with bad ids sent to the padding row (no device assert can fire), and the report
+    comes at the step boundary with the stack of the call."""
+    from healthmon import labels
+    monkeypatch.setattr(labels, "SYNC_CHECK_DEVICES", ())
+    model = nn.Sequential(nn.Embedding(10, 4, padding_idx=0))
+    ids = _bad_ids()
+    with healthmon.watch(model) as mon:
+        out = model(ids)  # torch would raise IndexError here
+        assert torch.equal(out[0, 5], model[0].weight[0].detach())  # the padding row
+        with pytest.raises(healthmon.HealthError) as err:
+            mon.check()
+    a = err.value.anomaly
+    assert (a.kind, a.role, a.stats.bad) == ("index", "indices", 3)
+    assert "vocabulary is larger" in str(err.value)
+
+
+def test_embedding_guard_is_refcounted_and_fully_removed():
+    from healthmon import labels
+    original = torch.embedding
+    m1, m2 = _TokenLM(), _TokenLM()
+    mon1, mon2 = healthmon.watch(m1), healthmon.watch(m2)
+    assert torch.embedding is not original and torch.embedding.__wrapped__ is original
+    mon1.remove()
+    assert torch.embedding is not original
+    mon2.remove()
+    assert torch.embedding is original and not labels.loss_guard_installed()
+    with pytest.raises(IndexError):  # torch's own behaviour once no monitor is active
+        m1(_bad_ids())
