@@ -122,7 +122,9 @@ def test_lightning_trainer_with_sanity_validation_is_silent_when_healthy(tmp_pat
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module="lightning")
         with healthmon.watch(module, sinks=[sink]) as mon:
-            _trainer(tmp_path).fit(module)
+            trainer = _trainer(tmp_path)
+            trainer.validate(module)  # a baseline evaluation, under torch.inference_mode
+            trainer.fit(module)
             mon.check()
     assert mon.anomalies == []
     grads = [s for s, rows in sink.steps.items()
