@@ -424,11 +424,26 @@ class TensorBoardSink(Sink):
                                   "pip install tensorboard") from err
             self.writer, self._owned = SummaryWriter(log_dir=os.fspath(log_dir)), True
         self.every = max(1, int(every))
+        self.failed: Optional[OSError] = None
+
+    def _fail(self, err: OSError) -> None:
+        """A failed write (disk full): warn once, write nothing more, never raise."""
+        self.failed = err
+        where = getattr(self.writer, "log_dir", None) or type(self.writer).__name__
+        warnings.warn(f"healthmon: writing TensorBoard events to {where!r} failed ({err}); "
+                      "healthmon stops writing them and goes on monitoring.",
+                      RuntimeWarning, stacklevel=3)
 
     def write_step(self, step: int, rows: List[dict]) -> None:
         """Write grad norm / activation absmax / non-finite scalars of the step."""
-        if step % self.every:
+        if step % self.every or self.failed is not None:
             return
+        try:
+            self._write_step(step, rows)
+        except OSError as err:
+            self._fail(err)
+
+    def _write_step(self, step: int, rows: List[dict]) -> None:
         add, total = self.writer.add_scalar, 0
         for row in rows:
             name, phase = _tag(row_name(row)), row.get("phase")
@@ -444,15 +459,25 @@ class TensorBoardSink(Sink):
 
     def write_anomaly(self, anomaly: Anomaly) -> None:
         """The anomaly's report as text at its step; flushes."""
+        if self.failed is not None:
+            return
         text = "    " + anomaly.report().replace("\n", "\n    ")  # markdown code block
-        self.writer.add_text("healthmon/anomaly", text, anomaly.step)
-        self.writer.flush()
+        try:
+            self.writer.add_text("healthmon/anomaly", text, anomaly.step)
+            self.writer.flush()
+        except OSError as err:
+            self._fail(err)
 
     def close(self) -> None:
         """Flush; close the writer when this sink created it."""
-        self.writer.flush()
-        if self._owned:
-            self.writer.close()
+        try:
+            if self.failed is None:
+                self.writer.flush()
+            if self._owned:
+                self.writer.close()
+        except OSError as err:
+            if self.failed is None:
+                self._fail(err)
 
 
 # ----------------------------------------------------------------------------- logging

@@ -568,3 +568,28 @@ def test_embedding_guard_is_refcounted_and_fully_removed():
     assert torch.embedding is original and not labels.loss_guard_installed()
     with pytest.raises(IndexError):  # torch's own behaviour once no monitor is active
         m1(_bad_ids())
+
+
+def test_a_tensorboard_sink_whose_writes_fail_warns_once():
+    class FullWriter:
+        log_dir = "runs/full"
+
+        def add_scalar(self, *a, **k):
+            raise OSError(28, "No space left on device")
+
+        add_text = add_scalar
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+
+    from healthmon.sinks import TensorBoardSink
+    sink = TensorBoardSink(FullWriter())
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with healthmon.watch(model, sinks=[sink], on_anomaly="warn") as mon:
+            _nan_steps(model, opt, 3, nan_at=1)
+    mine = [str(w.message) for w in caught if "runs/full" in str(w.message)]
+    assert len(mine) == 1 and "No space left" in mine[0]
+    assert mon.anomalies and mon.anomalies[0].step == 1
