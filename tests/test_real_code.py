@@ -593,3 +593,24 @@ def test_a_tensorboard_sink_whose_writes_fail_warns_once():
     mine = [str(w.message) for w in caught if "runs/full" in str(w.message)]
     assert len(mine) == 1 and "No space left" in mine[0]
     assert mon.anomalies and mon.anomalies[0].step == 1
+
+
+@needs_ext
+@pytest.mark.parametrize("path", ["warn_at_the_call", "sanitise_async"])
+def test_vmap_label_sanitise_paths_give_per_sample_results(path, monkeypatch):
+    """A bad label under vmap with on_anomaly="warn" (the loss gets the sanitised target at
+    the call) and on the accelerator path (sanitised copy, report at the boundary): the
+    per-sample gradients are computed, the bad sample's gradient is zero (ignore_index)."""
+    from healthmon import labels
+    if path == "sanitise_async":
+        monkeypatch.setattr(labels, "SYNC_CHECK_DEVICES", ())
+    model, params, x, y, loss = _per_sample_setup(bad_label=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with healthmon.watch(model, on_anomaly="warn") as mon:
+            g = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+            mon.check()
+    assert [a.kind for a in mon.anomalies] == ["label"]
+    assert mon.anomalies[0].stats.bad == 1
+    assert torch.equal(g["2.weight"][3], torch.zeros_like(g["2.weight"][3]))
+    assert g["2.weight"][0].abs().sum() > 0
