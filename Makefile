@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q "pytest>=7" "hypothesis>=6" numpy ninja "matplotlib>=3.5" "tensorboard>=2.10"
+	# real-stack tests (tests/test_real_stacks.py); torch pinned to the one in use, so pip
+	# never swaps it for another build
+	$(PY) -m pip install -q "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')" lightning transformers
 	touch $(STAMP)
 
 build: setup

@@ -43,6 +43,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                      help="policy (HEALTHMON_ON_ANOMALY; default raise)")
     run.add_argument("--log", default=None, metavar="PATH",
                      help="JSONL log of the records (HEALTHMON_LOG)")
+    run.add_argument("--allow-inf", action="append", default=None, metavar="PATTERN",
+                     help="fnmatch pattern of sites (or site.role) whose forward outputs / "
+                          "inputs may hold ±Inf, e.g. '<input>.input.attn_mask' or "
+                          "'encoder.*'; repeatable; added to HEALTHMON_ALLOW_INF. NaN is "
+                          "never allowed; 0/-inf additive masks need no pattern")
     run.add_argument("-q", "--quiet", action="store_true", help="no start-up line")
     run.add_argument("script", metavar="SCRIPT.py", help="the training script")
     run.add_argument("script_args", nargs=argparse.REMAINDER, metavar="...",
@@ -53,7 +58,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .runner import RunSetupError, run_script
         try:
             return run_script(args.script, args.script_args, quiet=args.quiet, sync=args.sync,
-                              every=args.every, on_anomaly=args.on_anomaly, log=args.log)
+                              every=args.every, on_anomaly=args.on_anomaly, log=args.log,
+                              allow_inf=args.allow_inf)
         except RunSetupError as err:  # the script's own exceptions propagate unchanged
             print(f"healthmon run: {err}", file=sys.stderr)
             return 2

@@ -12,7 +12,9 @@
                          :meth:`healthmon.Monitor` and the README).
 ``HEALTHMON_MAX_SKIPS``  with ``skip``: consecutive skipped steps before raising (default 3).
 ``HEALTHMON_LOG``        path of a JSONL log (one line per site per monitored step, plus
-                         anomalies); empty or unset: no log.
+                         anomalies); empty or unset: no log. A directory is a ValueError.
+``HEALTHMON_ALLOW_INF``  comma-separated fnmatch patterns of sites (or ``site.role``) whose
+                         forward outputs / inputs may hold ±Inf; added to ``allow_inf=``.
 =======================  ==========================================================
 
 Explicit arguments win over the environment, except ``HEALTHMON=off``. Unknown values are a
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional, Tuple, Union
 
 ON_ANOMALY = ("raise", "warn", "log", "skip")
 _OFF = ("off", "0", "false", "no")
@@ -40,6 +42,7 @@ class Config:
     on_anomaly: str = "raise"
     log: Optional[str] = None
     max_skips: int = 3
+    allow_inf: Tuple[str, ...] = ()
 
 
 def _env(environ: Mapping[str, str], name: str) -> Optional[str]:
@@ -73,9 +76,26 @@ def parse_on_anomaly(value, what: str) -> str:
     return text
 
 
-def resolve(every=None, sync=None, on_anomaly=None, log=None,
+def parse_allow_inf(value: Union[str, Iterable[str], None], what: str) -> Tuple[str, ...]:
+    """fnmatch patterns from a comma-separated string or an iterable of strings."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"healthmon: {what} must hold strings (fnmatch patterns of site "
+                            f"names), got {type(item).__name__}")
+        if item.strip():
+            out.append(item.strip())
+    return tuple(out)
+
+
+def resolve(every=None, sync=None, on_anomaly=None, log=None, allow_inf=None,
             environ: Optional[Mapping[str, str]] = None) -> Config:
     """Merge explicit arguments (None: not given) with the environment.
+
+    ``allow_inf`` patterns are the union of the argument's and ``HEALTHMON_ALLOW_INF``'s.
 
     Raises:
         ValueError: an invalid ``HEALTHMON*`` value or argument (names it and the accepted
@@ -108,5 +128,14 @@ def resolve(every=None, sync=None, on_anomaly=None, log=None,
     if log is not None and not isinstance(log, (str, os.PathLike)):
         raise TypeError(f"healthmon: log must be a path, got {type(log).__name__}")
     cfg_log = os.fspath(log) if log is not None else env_log
+    if cfg_log and os.path.isdir(cfg_log):
+        source = "log" if log is not None else "HEALTHMON_LOG"
+        raise ValueError(f"healthmon: {source}={cfg_log!r} is a directory; it must name the "
+                         f"JSONL file to write, e.g. {os.path.join(cfg_log, 'healthmon.jsonl')!r}")
+    patterns = parse_allow_inf(allow_inf, "allow_inf")
+    for pat in parse_allow_inf(_env(env, "HEALTHMON_ALLOW_INF"), "HEALTHMON_ALLOW_INF"):
+        if pat not in patterns:
+            patterns += (pat,)
     return Config(enabled=enabled, sync=env_sync if sync is None else sync, every=cfg_every,
-                  on_anomaly=cfg_on, log=cfg_log or None, max_skips=max_skips)
+                  on_anomaly=cfg_on, log=cfg_log or None, max_skips=max_skips,
+                  allow_inf=patterns)

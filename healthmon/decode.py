@@ -16,7 +16,7 @@ from . import labels
 from ._layout import LABEL, NUM_LABEL
 from .errors import Anomaly, HealthError
 from .records import Site, Step, merge_order
-from .stats import TensorStats
+from .stats import TensorStats, is_additive_mask
 
 _log = logging.getLogger("healthmon")
 MAX_ANOMALIES = 1000
@@ -106,7 +106,7 @@ class Decoder:
                                                           self._dist is not None):
                     stats = labels.LabelStats.from_record(row[:NUM_LABEL], *meta[:4])
                     anomaly = labels.label_anomaly(stats, site.name, self._stacks.frames(sid),
-                                                   step.index)
+                                                   step.index, role=site.role)
                     if first is None:
                         first = anomaly
                     else:
@@ -153,7 +153,8 @@ class Decoder:
     def _bad(site: Site, row: list) -> Optional[str]:
         if row[1]:
             return "nan"
-        if (row[2] or row[3]) and not site.allow_inf:
+        if (row[2] or row[3]) and not site.allow_inf and not (
+                site.phase in ("input", "forward") and is_additive_mask(row)):  # 0/-inf mask
             return "inf"
         return None
 

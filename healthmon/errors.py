@@ -22,7 +22,7 @@ class Anomaly:
             ``weight``, ``target``).
         step: training step at which it was produced (-1: outside a monitored step, e.g.
             :func:`~healthmon.check_labels`).
-        kind: ``"nan"``, ``"inf"`` or ``"label"``.
+        kind: ``"nan"``, ``"inf"``, ``"label"`` or ``"index"`` (embedding indices).
         stats: the :class:`~healthmon.TensorStats` (or ``LabelStats``) of the bad tensor.
         stack: frames of the code that produced it, outermost first (as
             ``traceback.extract_stack`` gives them).
@@ -60,7 +60,8 @@ class Anomaly:
         return f"{self.kind_text()} in {self.where}: {self.stats.describe()}"
 
     def kind_text(self) -> str:
-        return {"nan": "NaN", "inf": "Inf", "label": "out-of-range labels"}.get(self.kind, self.kind)
+        return {"nan": "NaN", "inf": "Inf", "label": "out-of-range labels",
+                "index": "out-of-range embedding indices"}.get(self.kind, self.kind)
 
     def user_frames(self) -> List[traceback.FrameSummary]:
         """Frames of the stack outside torch, healthmon and the interpreter's own, innermost
@@ -73,6 +74,8 @@ class Anomaly:
         hint = self.stats.hint() if hasattr(self.stats, "hint") else None
         if hint:
             lines.append(f"  hint: {hint}")
+        elif self.kind == "inf" and self.phase in ("input", "forward"):
+            lines.append(f"  hint: {allow_inf_hint(self.site, self.phase, self.role)}")
         if self.last_healthy is not None:
             lines.append(f"  last healthy record of this site: {self.last_healthy.describe()}")
         if self.consequences:
@@ -92,6 +95,16 @@ class Anomaly:
             lines.append("  full stack (most recent call last):")
             lines.extend(_format_frame(fr) for fr in self.stack)
         return "\n".join(lines)
+
+
+def allow_inf_hint(site: str, phase: str, role: str) -> str:
+    """How to allow ±Inf at a site (an attention mask, a masked score), or "" when NaN."""
+    pattern = f"{site}.{role}" if phase == "input" else site
+    return (f"if ±Inf is expected here (e.g. an attention mask with a finite value besides "
+            f"0 and -inf), allow it: healthmon.watch(model, allow_inf=[\"{pattern}\"]), "
+            f"or HEALTHMON_ALLOW_INF='{pattern}', or healthmon run --allow-inf '{pattern}' "
+            f"(fnmatch patterns; NaN is never allowed; pure 0/-inf masks are allowed "
+            f"without a pattern)")
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

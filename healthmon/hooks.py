@@ -1,4 +1,5 @@
-"""Finding the tensors in module inputs / outputs, with a role name for each.
+"""Finding the tensors in module inputs / outputs, with a role name for each, and the plain
+tensors the kernels read for each of them (:func:`record_parts`).
 
 :func:`walk` yields ``(role, tensor)`` for every tensor inside tensors, tuples, lists,
 dicts (``ModelOutput`` is an ``OrderedDict``), dataclasses and namedtuples, to a bounded
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Iterator, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import ops
 
@@ -222,3 +224,45 @@ def skip_when_eager(fn):
 
 
 _untraced_frames()
+
+
+MAX_SUBCLASS_DEPTH = 4
+
+
+def record_parts(t: torch.Tensor, role: str, _depth: int = 0
+                 ) -> Tuple[List[Tuple[str, torch.Tensor]], Optional[str]]:
+    """The plain tensors the monitor records for ``t``, each with its role, or a skip reason.
+
+    * a plain tensor or parameter: ``[(role, t)]``;
+    * a DTensor: its local shard under the same role (no communication);
+    * a traceable ``__torch_dispatch__`` wrapper subclass (``__tensor_flatten__``: TwoTensor,
+      float8 / NF4 training tensors, ...): each inner tensor in its own row, role
+      ``role.<attr>`` (``output.a``, ``output.b``), nested subclasses flattened in turn. Handing
+      the wrapper itself to a kernel would run the op once per inner tensor into one row (the
+      last one would win, a NaN in the first would never be seen);
+    * a ``__torch_dispatch__`` subclass that cannot be flattened: skipped, with the reason.
+
+    Returns:
+        ``(parts, None)``, or ``([], reason)`` when ``t`` is not recorded (the reason goes to
+        ``Monitor.skipped``). Never synchronises; keeps no reference.
+    """
+    if type(t) in _PLAIN or _is_dtensor(t):
+        reason = unsupported(t)
+        return ([], reason) if reason is not None else ([(role, local_tensor(t))], None)
+    if is_traceable_wrapper_subclass(t):
+        if _depth >= MAX_SUBCLASS_DEPTH:
+            return [], f"tensor subclass nested deeper than {MAX_SUBCLASS_DEPTH} levels"
+        attrs, _ = t.__tensor_flatten__()
+        parts: List[Tuple[str, torch.Tensor]] = []
+        for attr in attrs:
+            inner, reason = record_parts(getattr(t, attr), f"{role}.{attr}", _depth + 1)
+            if reason is not None:
+                return [], f"{type(t).__name__}.{attr}: {reason}"
+            parts.extend(inner)
+        return parts, None
+    if getattr(type(t), "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__ \
+            and "Fake" not in type(t).__name__:
+        return [], (f"tensor subclass {type(t).__name__} overrides __torch_dispatch__ without "
+                    "__tensor_flatten__: its data cannot be read (define __tensor_flatten__)")
+    reason = unsupported(t)
+    return ([], reason) if reason is not None else ([(role, t)], None)

@@ -19,6 +19,7 @@ guard is reference-counted by live monitors and uninstalled completely by the la
 from __future__ import annotations
 
 import threading
+import functools
 from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Optional, Sequence, Tuple
 
@@ -29,6 +30,7 @@ from ._layout import LABEL
 from .errors import Anomaly, HealthError
 
 MAX_BAD_VALUES = 5
+INT64_MAX = (1 << 63) - 1
 # Devices whose label records the monitor reads back at the loss call even in async mode:
 # reading a CPU tensor is no device sync, and torch would raise at that very call anyway.
 SYNC_CHECK_DEVICES = ("cpu",)
@@ -57,6 +59,9 @@ class LabelStats:
             first (empty when not computed, e.g. for records decoded asynchronously).
         first_sample: for :func:`check_dataset_labels`, the dataset index of the first
             offending sample (None otherwise).
+        what: ``"label"`` (class indices of a loss) or ``"index"`` (embedding indices:
+            ``num_classes`` is then ``num_embeddings`` and ``ignore_index`` the
+            ``padding_idx``, or 0 when there is none).
     """
     numel: int
     bad: int
@@ -70,6 +75,7 @@ class LabelStats:
     ignore_index: int = -100
     bad_values: Tuple[Tuple[int, int], ...] = ()
     first_sample: Optional[int] = None
+    what: str = "label"
 
     @classmethod
     def from_record(cls, record: Sequence, shape=(), dtype=None, num_classes: int = 0,
@@ -121,6 +127,8 @@ class LabelStats:
 
     def describe(self) -> str:
         """One line: how many labels are bad, which values, where the first one is."""
+        if self.what == "index":
+            return self._describe_indices()
         if self.ok:
             return (f"all {self.numel} labels in [0, {self.num_classes}) or ignore_index "
                     f"{self.ignore_index} ({self.ignored} ignored)")
@@ -136,10 +144,42 @@ class LabelStats:
             text += f"; first bad label at {self.where_text()}"
         return text
 
+    def _describe_indices(self) -> str:
+        if self.ok:
+            return f"all {self.numel} indices in [0, {self.num_classes})"
+        dtype = str(self.dtype).replace("torch.", "") if self.dtype is not None else "?"
+        text = (f"{self.bad} of {self.numel} indices outside [0, {self.num_classes}) "
+                f"(num_embeddings {self.num_classes}); indices dtype {dtype}, "
+                f"range [{self.min}, {self.max}]")
+        if self.bad_values:
+            text += "; bad values: " + ", ".join(f"{v} ({n}x)" for v, n in self.bad_values)
+        if self.first_bad >= 0:
+            text += f"; first bad index at {self.where_text()}"
+        return text
+
+    def _index_hint(self) -> Optional[str]:
+        values = [v for v, _ in self.bad_values] or [self.min, self.max]
+        if any(v >= self.num_classes for v in values):
+            top = max(max(values), self.max)
+            return (f"token id {top} does not fit an embedding of num_embeddings="
+                    f"{self.num_classes}: the tokenizer's vocabulary is larger than the "
+                    f"model's (a tokenizer with added tokens, or another model's tokenizer). "
+                    f"Resize the embedding to the tokenizer (transformers: "
+                    f"model.resize_token_embeddings(len(tokenizer))) or build it with "
+                    f"num_embeddings >= {top + 1}.")
+        if any(v < 0 for v in values):
+            low = min(min(values), self.min)
+            return (f"negative id {low}: embeddings have no negative rows (-100 is a label "
+                    f"ignore_index, not an input id; -1 is not a padding id). Map it to the "
+                    f"pad token id and pass padding_idx=<pad id> to nn.Embedding.")
+        return None
+
     def hint(self) -> Optional[str]:
         """Why it probably happened, when the values say so (None otherwise)."""
         if self.ok or self.dtype is None:
             return None
+        if self.what == "index":
+            return self._index_hint()
         if not self.dtype.is_floating_point and self.dtype != torch.bool:
             info = torch.iinfo(self.dtype)
             unsigned = info.min == 0
@@ -182,6 +222,14 @@ def _validate(target, num_classes, ignore_index, logits=None) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"healthmon.check_labels: ignore_index must be an int, got "
                         f"{type(ignore_index).__name__}")
+    if num_classes > INT64_MAX or not -INT64_MAX - 1 <= ignore_index <= INT64_MAX:
+        raise ValueError(f"healthmon.check_labels: num_classes ({num_classes}) and "
+                         f"ignore_index ({ignore_index}) must fit in int64 (at most "
+                         f"{INT64_MAX}); pass the loss input's class count, input.shape[1]")
+    if target.device.type == "meta":
+        raise ValueError("healthmon.check_labels: target is a meta tensor, which has shape "
+                         "and dtype but no values to check; pass the real labels (e.g. "
+                         "after model.to_empty(device=...) and loading the data)")
     if logits is not None and logits.device != target.device:
         raise ValueError(f"healthmon.check_labels: target is on {target.device} but the "
                          f"input is on {logits.device}; move the target with "
@@ -196,26 +244,45 @@ def bad_values(target: torch.Tensor, num_classes: int, ignore_index: int,
     Synchronises; only called on the bad path. Scans from flat index ``start`` (the first
     bad label) in chunks, so a huge target never gets a full-size int64 copy.
     """
-    t = target.detach().reshape(-1)
+    t = ops.physical(target.detach())  # under vmap: every sample, batch first
+    if t.dtype == torch.bool:
+        return ()
+    with torch._C._DisableFuncTorch():
+        return _bad_values(t.reshape(-1), num_classes, ignore_index, limit, start, chunk)
+
+
+def _bad_values(t, num_classes, ignore_index, limit, start, chunk):
     if t.dtype == torch.bool:
         return ()
     counts: dict = {}
+    wraps = t.dtype == torch.uint64  # values >= 2^63 read as negative int64
     for lo in range(max(start, 0), t.numel(), chunk):
-        # uint16/32/64 have few kernels: compare in int64 (uint64 >= 2^63 shows negative)
+        # uint16/32/64 have few kernels: compare in int64
         part = t[lo:lo + chunk].to(torch.int64)
         bad = ((part < 0) | (part >= num_classes)) & (part != ignore_index)
+        if wraps:  # a uint64 label >= 2^63 is always bad, never ignore_index (as the kernel)
+            bad |= part < 0
         if not bool(bad.any()):
             continue
         values, n = torch.unique(part[bad], return_counts=True)
         for v, c in zip(values.tolist(), n.tolist()):
+            if wraps and v < 0:
+                v += 1 << 64  # the uint64 value the user stored
             counts[v] = counts.get(v, 0) + c
     ranked = sorted(counts.items(), key=lambda vc: (-vc[1], vc[0]))
     return tuple(ranked[:limit])
 
 
+INDEX_ROLE = "indices"  # role of embedding index checks (losses: "target")
+
+
 def label_anomaly(stats: LabelStats, site: str, stack=(), step: int = -1,
                   role: str = "target") -> Anomaly:
-    """The :class:`Anomaly` of a failed label check (phase ``label``, kind ``label``)."""
+    """The :class:`Anomaly` of a failed label check (phase ``label``, kind ``label``; for
+    embedding indices, role :data:`INDEX_ROLE`: kind ``index``)."""
+    if role == INDEX_ROLE:
+        return Anomaly(site=site, phase="label", role=role, step=step, kind="index",
+                       stats=replace(stats, what="index"), stack=list(stack))
     return Anomaly(site=site, phase="label", role=role, step=step, kind="label",
                    stats=stats, stack=list(stack))
 
@@ -364,6 +431,11 @@ def _owner_of_open_step():
     return best
 
 
+def _no_data(t: torch.Tensor) -> bool:
+    """Meta and fake tensors: shapes without values (nothing to check or record)."""
+    return t.device.type == "meta" or "Fake" in type(t).__name__
+
+
 def _make_guard(fn_name: str, original):
     loss_name = {"cross_entropy_loss": "cross_entropy", "nll_loss_nd": "nll_loss"}[fn_name]
 
@@ -382,6 +454,9 @@ def _make_guard(fn_name: str, original):
         owner = _owner_of_open_step()
         if owner is None:
             return original(*args, **kwargs)  # no watched forward in flight: not our loss
+        if _no_data(target) or _no_data(input):
+            owner._skip("meta / fake tensors have no data")  # shape inference: torch's to do
+            return original(*args, **kwargs)
         clean = owner._check_loss_target(loss_name, input, target, num_classes,
                                          int(ignore_index))
         if clean is not None:
@@ -397,15 +472,65 @@ def _make_guard(fn_name: str, original):
     return guarded
 
 
+EMBEDDING_SITE = "embedding"
+
+
+def _make_embedding_guard(original):
+    """``torch.embedding(weight, indices, padding_idx, scale_grad_by_freq, sparse)``: the
+    entry point of ``nn.Embedding`` and ``F.embedding`` (which has already turned a negative
+    ``padding_idx`` into a row number, and None into -1)."""
+
+    def embedding(*args, **kwargs):
+        if not _owners or torch.compiler.is_compiling():
+            return original(*args, **kwargs)
+        weight = args[0] if args else kwargs.get("weight")
+        indices = args[1] if len(args) > 1 else kwargs.get("indices")
+        if not isinstance(weight, torch.Tensor) or not isinstance(indices, torch.Tensor) \
+                or weight.dim() != 2 or indices.dtype not in (torch.int64, torch.int32):
+            return original(*args, **kwargs)  # torch raises its own error for these
+        owner = _owner_of_open_step()
+        if owner is None:
+            return original(*args, **kwargs)  # no watched forward in flight
+        if _no_data(indices) or _no_data(weight):
+            owner._skip("meta / fake tensors have no data")
+            return original(*args, **kwargs)
+        num = int(weight.shape[0])
+        padding_idx = args[2] if len(args) > 2 else kwargs.get("padding_idx", -1)
+        # a valid row: no bad index can equal it, and the sanitised copy (accelerators,
+        # async) sends bad indices to the padding row, else to row 0
+        fill = int(padding_idx) if padding_idx is not None and 0 <= padding_idx < num else 0
+        if num < 1:
+            return original(*args, **kwargs)
+        clean = owner._check_loss_target(EMBEDDING_SITE, weight, indices, num, fill,
+                                         role=INDEX_ROLE)
+        if clean is not None:
+            if len(args) > 1:
+                args = (args[0], clean) + tuple(args[2:])
+            else:
+                kwargs["indices"] = clean
+        return original(*args, **kwargs)
+
+    embedding.__name__ = embedding.__qualname__ = "embedding"
+    embedding.__wrapped__ = original
+    return embedding
+
+
+def _guard_targets():
+    """``(namespace, attribute, guard maker)`` of every wrapped entry point."""
+    return [(torch._C._nn, name, functools.partial(_make_guard, name)) for name in _GUARDED] \
+        + [(torch, "embedding", _make_embedding_guard)]
+
+
 def install_loss_guard(monitor) -> None:
-    """Route class-index losses through ``monitor`` (reference-counted per monitor)."""
+    """Route class-index losses and embedding lookups through ``monitor`` (reference-counted
+    per monitor; the first installs the wrappers)."""
     if monitor in _owners:
         return
     if not _owners:
-        for name in _GUARDED:
-            original = getattr(torch._C._nn, name)
-            _originals[name] = original
-            setattr(torch._C._nn, name, _make_guard(name, original))
+        for namespace, name, make in _guard_targets():
+            original = getattr(namespace, name)
+            _originals[(namespace, name)] = original
+            setattr(namespace, name, make(original))
     _owners.append(monitor)
 
 
@@ -415,13 +540,13 @@ def uninstall_loss_guard(monitor) -> None:
         return
     _owners.remove(monitor)
     if not _owners:
-        for name, original in _originals.items():
-            setattr(torch._C._nn, name, original)
+        for (namespace, name), original in _originals.items():
+            setattr(namespace, name, original)
         _originals.clear()
 
 
 def loss_guard_installed() -> bool:
-    """Whether the loss entry points are currently wrapped."""
-    return any(getattr(getattr(torch._C._nn, n), "__wrapped__", None) is not None
-               for n in _GUARDED)
+    """Whether the loss / embedding entry points are currently wrapped."""
+    return any(getattr(getattr(ns, n), "__wrapped__", None) is not None
+               for ns, n, _ in _guard_targets())
 

@@ -59,7 +59,7 @@ from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
 from .errors import Anomaly
 from .hooks import (ForwardHook, ParamHook, RootPreHook, flat_tensors, local_tensor,
-                    skip_when_eager, unsupported, walk)
+                    record_parts, skip_when_eager, unsupported, walk)
 from .decode import Decoder
 from .records import Recorder, Site, Step, merge_order
 from .stacks import traced_stack
@@ -339,11 +339,12 @@ class Monitor(Decoder):
 
     def _record(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
                 call: int, sid: int) -> None:
-        reason = unsupported(t)
+        parts, reason = record_parts(t, role)  # subclasses: one row per inner tensor
         if reason is not None:
             self._skip(reason)
             return
-        self._record_ok(t, module, name, phase, role, call, sid)
+        for part_role, part in parts:
+            self._record_ok(part, module, name, phase, part_role, call, sid)
 
     def _record_ok(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
                    call: int, sid: int, site: Optional[Site] = None) -> None:
@@ -421,7 +422,7 @@ class Monitor(Decoder):
                     self._skip(reason)
                     continue
             if not fwd_done and not recompute:
-                self._record_ok(t, index, name, "forward", role, call, sid)
+                self._record(t, index, name, "forward", role, call, sid)
             if want_bwd:
                 t.grad_fn.register_prehook(_GradHook(self, index, "grad_" + role, call, sid,
                                                      t.output_nr))
@@ -471,6 +472,10 @@ class Monitor(Decoder):
         if self._removed or grad is None:
             return
         self._cur.backward = True
+        if type(grad) not in _PLAIN:  # a subclass: one row per inner tensor
+            self._record(grad, hook.index, self._names[hook.index], "backward", hook.role,
+                         hook.call, hook.sid)
+            return
         site = hook.site
         if site is None or site.device != grad.device or site.dtype != grad.dtype:
             reason = unsupported(grad)
@@ -529,23 +534,29 @@ class Monitor(Decoder):
             if t is None:
                 continue
             entry = cache.get(pindex)
-            if entry is None or entry[1] is not t.dtype or entry[2] != t.device \
-                    or type(t) not in _PLAIN:
-                t = local_tensor(t)
-                reason = unsupported(t)
-                if reason is not None:
-                    self._skip(reason)
-                    continue
-                module, pname = self._param_sites[pindex]
-                role = self._grad_roles[pindex] if phase == "grad" else pname
-                site = self._site(module, self._names[module], phase, role, 0, t.device,
-                                  t.dtype)
-                entry = cache[pindex] = (site, t.dtype, t.device, module)
-            site = entry[0]
-            xs, slots = groups.setdefault(site.buffer, ([], []))
-            xs.append(t)
-            slots.append(site.slot)
-            added.append((site, mod_stack[entry[3]] if sid is None else sid))
+            if entry is not None and entry[1] is t.dtype and entry[2] == t.device \
+                    and type(t) in _PLAIN:
+                site = entry[0]  # the hot path: a plain tensor seen before
+                xs, slots = groups.setdefault(site.buffer, ([], []))
+                xs.append(t)
+                slots.append(site.slot)
+                added.append((site, mod_stack[entry[3]] if sid is None else sid))
+                continue
+            module, pname = self._param_sites[pindex]
+            role = self._grad_roles[pindex] if phase == "grad" else pname
+            parts, reason = record_parts(t, role)  # DTensor shard; subclass inner tensors
+            if reason is not None:
+                self._skip(reason)
+                continue
+            for part_role, part in parts:
+                site = self._site(module, self._names[module], phase, part_role, 0,
+                                  part.device, part.dtype)
+                xs, slots = groups.setdefault(site.buffer, ([], []))
+                xs.append(part)
+                slots.append(site.slot)
+                added.append((site, mod_stack[module] if sid is None else sid))
+            if len(parts) == 1 and parts[0][1] is t:
+                cache[pindex] = (site, t.dtype, t.device, module)
         self._cur.order.extend(added)
         for buf, (xs, slots) in groups.items():
             ops.multi_record_unchecked(xs, buf.records, slots)
@@ -617,7 +628,8 @@ class Monitor(Decoder):
         return site.slot, bslot, self._rec.tensor_key(site.buffer), bkey
 
     def _check_loss_target(self, loss: str, input: torch.Tensor, target: torch.Tensor,
-                           num_classes: int, ignore_index: int) -> Optional[torch.Tensor]:
+                           num_classes: int, ignore_index: int,
+                           role: str = "target") -> Optional[torch.Tensor]:
         """Label check of one class-index loss call (called by the loss guard).
 
         Sync mode and CPU targets: checked now; a bad label is reported at the call (raises
@@ -625,6 +637,8 @@ class Monitor(Decoder):
         accelerator: the fused kernel writes the record and an int64 copy of the target
         with bad labels replaced by ``ignore_index`` (no device assert can fire, no host
         sync); the record is decoded at the step boundary.
+
+        ``role``: ``"target"`` (losses) or ``labels.INDEX_ROLE`` (embedding indices).
 
         Returns:
             the target the loss should use instead, or None to keep the user's.
@@ -635,8 +649,8 @@ class Monitor(Decoder):
         call = cur.label_calls.get(loss, 0)
         cur.label_calls[loss] = call + 1
         sid = self._stacks.capture(2)
-        site = self._site(-1, loss, "label", "target", call, target.device)
-        meta = [tuple(target.shape), target.dtype, num_classes, ignore_index, False]
+        site = self._site(-1, loss, "label", role, call, target.device)
+        meta = [tuple(ops.physical(target).shape), target.dtype, num_classes, ignore_index, False]
         cur.label_meta[site] = meta
         cur.order.append((site, sid))
         records = site.buffer.records
@@ -645,21 +659,22 @@ class Monitor(Decoder):
         if self._dist is None and (self.config.sync or
                                    target.device.type in labels.SYNC_CHECK_DEVICES):
             record = ops.label_record(target, num_classes, ignore_index)
-            records[site.slot, :NUM_LABEL].copy_(record)
-            row = record.tolist()
+            ops.store_record(records, site.slot, record)  # also under torch.func transforms
+            row = ops.physical(record).tolist()
             if not row[LABEL["bad"]]:
                 return None
             meta[4] = True  # reported here, not again when the step is decoded
             stats = labels.LabelStats.from_record(
                 row, *meta[:4], bad_values=labels.bad_values(target, num_classes, ignore_index,
                                                    start=row[LABEL["first_bad"]]))
-            anomaly = labels.label_anomaly(stats, loss, self._stacks.frames(sid), cur.index)
+            anomaly = labels.label_anomaly(stats, loss, self._stacks.frames(sid), cur.index,
+                                           role=role)
             if self.config.sync and cur.anomaly is None:
                 cur.anomaly = anomaly
             self._report(anomaly, True)
             return ops.label_sanitize(target, num_classes, ignore_index)[1]
         record, clean = ops.label_sanitize(target, num_classes, ignore_index)
-        records[site.slot, :NUM_LABEL].copy_(record)
+        ops.store_record(records, site.slot, record)
         return clean
 
     def _record_params(self) -> None:
@@ -946,12 +961,11 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
         if not isinstance(m, nn.Module):
             raise TypeError(f"healthmon.watch expects torch.nn.Module objects, got "
                             f"{type(m).__name__}")
-    if isinstance(allow_inf, str):
-        allow_inf = (allow_inf,)
-    config = resolve(every=every, sync=sync, on_anomaly=on_anomaly, log=log)
+    config = resolve(every=every, sync=sync, on_anomaly=on_anomaly, log=log,
+                     allow_inf=allow_inf)  # merged with HEALTHMON_ALLOW_INF
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"healthmon: prefix must be a str, got {type(prefix).__name__}")
-    mon = Monitor((model,) + more_modules, config, allow_inf=allow_inf, sinks=sinks,
+    mon = Monitor((model,) + more_modules, config, allow_inf=config.allow_inf, sinks=sinks,
                   prefix=prefix or "")
     _LIVE[id(mon)] = mon
     return mon

@@ -127,6 +127,36 @@ def _check_records(records: torch.Tensor, like: torch.Tensor, slots: Sequence[in
         first_use[slot] = i
 
 
+# --------------------------------------------------------------------------- functorch
+
+def physical(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor beneath torch.func wrappers, for host-side reading of records and
+    labels: a vmap ``BatchedTensor`` becomes its physical tensor with the batch dimension
+    moved first (``(B, *sample_shape)``; nested vmaps: outermost first), a ``grad`` /
+    ``jacrev`` ``GradTrackingTensor`` its value. Plain tensors are returned as they are.
+    Never synchronises. The result must only be read (it is not tracked by the transforms).
+    """
+    f = torch._C._functorch
+    if not f.is_functorch_wrapped_tensor(t):
+        return t
+    with torch._C._DisableFuncTorch():
+        while f.is_functorch_wrapped_tensor(t):
+            bdim = f.maybe_get_bdim(t) if f.is_batchedtensor(t) else -1
+            t = f.get_unwrapped(t)
+            if bdim >= 0:
+                t = t.movedim(bdim, 0)
+    return t
+
+
+def store_record(records: torch.Tensor, slot: int, record: torch.Tensor) -> None:
+    """``records[slot, :len(record)] = record`` also inside torch.func transforms (where
+    writing into the monitor's buffer, a captured tensor, is refused): the record of a
+    transformed call is unbatched (see the vmap rules below), so its plain value is stored."""
+    record = physical(record)
+    with torch._C._DisableFuncTorch():
+        records[slot, :record.shape[0]].copy_(record)
+
+
 # --------------------------------------------------------------------------- ops
 
 def stats_record(x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +209,8 @@ def multi_stats(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     Returns float64 ``(len(xs), NUM_STATS)`` on the device of ``xs[0]`` (CPU when empty).
     """
     xs = list(xs)
+    if not xs:  # nothing to launch; the native op cannot tell a device from an empty list
+        return torch.empty((0, NUM_STATS), dtype=torch.float64)
     for i, x in enumerate(xs):
         _check(x, f"multi_stats[{i}]")
     if xs and any(x.device != xs[0].device for x in xs):
@@ -213,6 +245,9 @@ def _check_labels(target: torch.Tensor, num_classes: int) -> None:
         raise TypeError(f"healthmon: num_classes must be an int, got {type(num_classes).__name__}")
     if num_classes < 1:
         raise ValueError(f"healthmon: num_classes must be >= 1, got {num_classes}")
+    if num_classes >= 1 << 63:
+        raise ValueError(f"healthmon: num_classes must fit in int64 (< 2**63), got "
+                         f"{num_classes}")
 
 
 def label_record(target: torch.Tensor, num_classes: int, ignore_index: int = -100) -> torch.Tensor:
@@ -266,3 +301,66 @@ if _native is not None:
     def _label_sanitize_fake(target, num_classes, ignore_index):
         return (target.new_empty((NUM_LABEL,), dtype=torch.int64),
                 torch.empty(target.shape, dtype=torch.int64, device=target.device))
+
+
+# Op hygiene: the ops are not differentiable. A fallthrough at the Autograd key (what the
+# autograd fallback's own warning asks for) skips autograd: no "autograd kernel was not
+# registered" warning when a tensor requiring grad is passed, outputs never require grad.
+# vmap rules (torch.func.vmap over a watched model, the per-sample-gradient recipe):
+#   * the record-writing ops (``stats_into``, ``multi_stats_into``) and the label ops write
+#     or return ONE record for the whole batch: the stats of the physical tensor (all
+#     samples), because their record goes to one shared buffer row / one host check;
+#   * ``stats`` / ``multi_stats`` are pure functions: per-sample results, like any torch op.
+# The Library object must stay alive for the registrations to stay.
+_LIB = None
+if _native is not None:
+    _LIB = torch.library.Library("healthmon", "IMPL")
+    for _op in ("stats", "stats_into", "multi_stats", "multi_stats_into", "label_check",
+                "label_sanitize"):
+        _LIB.impl(_op, torch.library.fallthrough_kernel, "Autograd")
+
+    def _front(x, dim):
+        """``x`` with its vmap batch dimension first (``dim`` None: unbatched, unchanged)."""
+        return x if dim is None else x.movedim(dim, 0)
+
+    def _no_batched_records(name, records_dim):
+        if records_dim is not None:
+            raise ValueError(
+                f"healthmon::{name} under vmap: the record buffer is batched; records are "
+                "one shared buffer per monitor: pass it unbatched (in_dims=None)")
+
+    @torch.library.register_vmap("healthmon::stats")
+    def _stats_vmap(info, in_dims, x):
+        rows = _native.multi_stats(list(_front(x, in_dims[0]).unbind(0)))
+        return rows, 0  # (B, NUM_STATS): the stats of each sample
+
+    @torch.library.register_vmap("healthmon::multi_stats")
+    def _multi_stats_vmap(info, in_dims, xs):
+        dims = in_dims[0] if in_dims[0] is not None else [None] * len(xs)
+        per_sample = [_native.multi_stats([x if d is None else x.select(d, b)
+                                           for x, d in zip(xs, dims)])
+                      for b in range(info.batch_size)]
+        return torch.stack(per_sample), 0  # (B, len(xs), NUM_STATS)
+
+    @torch.library.register_vmap("healthmon::stats_into")
+    def _stats_into_vmap(info, in_dims, x, records, slot):
+        _no_batched_records("stats_into", in_dims[1])
+        _native.stats_into(x, records, slot)  # the physical tensor: every sample at once
+        return None, None
+
+    @torch.library.register_vmap("healthmon::multi_stats_into")
+    def _multi_stats_into_vmap(info, in_dims, xs, records, slots):
+        _no_batched_records("multi_stats_into", in_dims[1])
+        _native.multi_stats_into(list(xs), records, slots)
+        return None, None
+
+    @torch.library.register_vmap("healthmon::label_check")
+    def _label_check_vmap(info, in_dims, target, num_classes, ignore_index):
+        # batch first, so first_bad is a flat index into (batch, *sample shape)
+        return _native.label_check(_front(target, in_dims[0]), num_classes, ignore_index), None
+
+    @torch.library.register_vmap("healthmon::label_sanitize")
+    def _label_sanitize_vmap(info, in_dims, target, num_classes, ignore_index):
+        record, clean = _native.label_sanitize(_front(target, in_dims[0]), num_classes,
+                                               ignore_index)
+        return (record, clean), (None, None if in_dims[0] is None else 0)

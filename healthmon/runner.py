@@ -52,7 +52,8 @@ class AutoWatch:
         self._kwargs = watch_kwargs
         self.config = resolve(every=watch_kwargs.get("every"), sync=watch_kwargs.get("sync"),
                               on_anomaly=watch_kwargs.get("on_anomaly"),
-                              log=watch_kwargs.get("log"))  # bad values fail here, early
+                              log=watch_kwargs.get("log"),
+                              allow_inf=watch_kwargs.get("allow_inf"))  # bad values fail early
         self.monitors: List[Monitor] = []
         self.monitor: Optional[Monitor] = None
         self._refused: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()

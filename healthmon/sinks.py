@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import time
+import warnings
 from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -158,6 +159,10 @@ class JsonlSink(Sink):
 
     Every file (also after a rotation) starts with a ``type: "meta"`` header line. An
     existing log at ``path`` is replaced, its rotated files removed.
+
+    A write that fails later (disk full, a vanished network mount: any ``OSError``) never
+    reaches the training loop: one ``RuntimeWarning`` names the path and the error, the sink
+    stops writing (``failed`` holds the error) and the monitor goes on.
     """
 
     def __init__(self, path: Union[str, os.PathLike], max_bytes: Optional[int] = 64 << 20,
@@ -177,6 +182,7 @@ class JsonlSink(Sink):
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         self._file = None
+        self.failed: Optional[OSError] = None
         self._size = 0
         self._last_flush = time.monotonic()
         for stale in _rotated_in_order(self.path)[:-1]:  # a previous run's rotations
@@ -212,32 +218,57 @@ class JsonlSink(Sink):
         self._file.write(data)
         self._size += len(data)
 
-    def write_step(self, step: int, rows: List[dict]) -> None:
-        """Append one ``type: "record"`` line per row."""
+    def _usable(self) -> bool:
+        if self.failed is not None:
+            return False  # a write failed: warned once, nothing more is written
         if self._file is None:
             raise ValueError(f"JsonlSink({self.path!r}) is closed")
-        if step % self.every:
+        return True
+
+    def _fail(self, err: OSError) -> None:
+        """Stop writing after a failed write: warn once (path and error), release the file."""
+        self.failed = err
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()  # flushes the buffer again, which fails the same way
+            except OSError:
+                pass
+        warnings.warn(f"healthmon: writing the log {self.path!r} failed ({err}); healthmon "
+                      "stops writing this log and goes on monitoring (errors and warnings "
+                      "are still raised). Free space or choose another path (log= / "
+                      "HEALTHMON_LOG).", RuntimeWarning, stacklevel=2)
+
+    def write_step(self, step: int, rows: List[dict]) -> None:
+        """Append one ``type: "record"`` line per row."""
+        if not self._usable() or step % self.every:
             return
-        for row in rows:
-            line = {"type": "record", "step": int(step)}
-            if self.rank is not None:
-                line["rank"] = self.rank
-            line.update(row)
-            self._write_line(line)
-        now = time.monotonic()
-        if now - self._last_flush >= self.flush_interval:
-            self._file.flush()
-            self._last_flush = now
+        try:
+            for row in rows:
+                line = {"type": "record", "step": int(step)}
+                if self.rank is not None:
+                    line["rank"] = self.rank
+                line.update(row)
+                self._write_line(line)
+            now = time.monotonic()
+            if now - self._last_flush >= self.flush_interval:
+                self._file.flush()
+                self._last_flush = now
+        except OSError as err:
+            self._fail(err)
 
     def write_anomaly(self, anomaly: Anomaly) -> None:
         """Append the anomaly with its stats, stack and report; flush and fsync."""
-        if self._file is None:
-            raise ValueError(f"JsonlSink({self.path!r}) is closed")
+        if not self._usable():
+            return
         record = anomaly_dict(anomaly)
         if record["rank"] is None:
             record["rank"] = self.rank
-        self._write_line(record)
-        self._sync()
+        try:
+            self._write_line(record)
+            self._sync()
+        except OSError as err:
+            self._fail(err)
 
     def _sync(self) -> None:
         self._file.flush()
@@ -248,11 +279,14 @@ class JsonlSink(Sink):
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        """Flush, fsync and close the file (idempotent)."""
+        """Flush, fsync and close the file (idempotent; a failing flush warns, see above)."""
         if self._file is not None:
-            self._sync()
-            self._file.close()
-            self._file = None
+            try:
+                self._sync()
+                self._file.close()
+                self._file = None
+            except OSError as err:
+                self._fail(err)
 
 
 def _rotated_in_order(path: str) -> List[str]:
@@ -390,11 +424,26 @@ class TensorBoardSink(Sink):
                                   "pip install tensorboard") from err
             self.writer, self._owned = SummaryWriter(log_dir=os.fspath(log_dir)), True
         self.every = max(1, int(every))
+        self.failed: Optional[OSError] = None
+
+    def _fail(self, err: OSError) -> None:
+        """A failed write (disk full): warn once, write nothing more, never raise."""
+        self.failed = err
+        where = getattr(self.writer, "log_dir", None) or type(self.writer).__name__
+        warnings.warn(f"healthmon: writing TensorBoard events to {where!r} failed ({err}); "
+                      "healthmon stops writing them and goes on monitoring.",
+                      RuntimeWarning, stacklevel=3)
 
     def write_step(self, step: int, rows: List[dict]) -> None:
         """Write grad norm / activation absmax / non-finite scalars of the step."""
-        if step % self.every:
+        if step % self.every or self.failed is not None:
             return
+        try:
+            self._write_step(step, rows)
+        except OSError as err:
+            self._fail(err)
+
+    def _write_step(self, step: int, rows: List[dict]) -> None:
         add, total = self.writer.add_scalar, 0
         for row in rows:
             name, phase = _tag(row_name(row)), row.get("phase")
@@ -410,15 +459,25 @@ class TensorBoardSink(Sink):
 
     def write_anomaly(self, anomaly: Anomaly) -> None:
         """The anomaly's report as text at its step; flushes."""
+        if self.failed is not None:
+            return
         text = "    " + anomaly.report().replace("\n", "\n    ")  # markdown code block
-        self.writer.add_text("healthmon/anomaly", text, anomaly.step)
-        self.writer.flush()
+        try:
+            self.writer.add_text("healthmon/anomaly", text, anomaly.step)
+            self.writer.flush()
+        except OSError as err:
+            self._fail(err)
 
     def close(self) -> None:
         """Flush; close the writer when this sink created it."""
-        self.writer.flush()
-        if self._owned:
-            self.writer.close()
+        try:
+            if self.failed is None:
+                self.writer.flush()
+            if self._owned:
+                self.writer.close()
+        except OSError as err:
+            if self.failed is None:
+                self._fail(err)
 
 
 # ----------------------------------------------------------------------------- logging

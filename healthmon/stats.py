@@ -88,6 +88,23 @@ class TensorStats:
 
 assert tuple(f.name for f in fields(TensorStats)) == STATS_FIELDS
 
+_NAN, _POSINF, _NEGINF, _ZEROS, _FINITE = (STATS_FIELDS.index(n) for n in
+                                          ("nan", "posinf", "neginf", "zeros", "finite"))
+
+
+def is_additive_mask(row: Sequence[float]) -> bool:
+    """True when a record describes an additive attention mask: values only 0 and -inf
+    (``nn.Transformer.generate_square_subsequent_mask``, HF extended masks use a finite
+    minimum instead and are finite anyway): some -inf, some 0, every finite value 0
+    (finite range [0, 0]), no NaN, no +inf. -inf next to nonzero finite values is not a
+    mask (an overflow), nor is +inf.
+
+    Args:
+        row: one record row (``NUM_STATS`` floats, fields :data:`STATS_FIELDS`).
+    """
+    return (not row[_NAN] and not row[_POSINF] and row[_NEGINF] > 0
+            and row[_ZEROS] > 0 and row[_ZEROS] == row[_FINITE])
+
 
 def stats(tensor: torch.Tensor) -> TensorStats:
     """Synchronous fused statistics of one tensor.

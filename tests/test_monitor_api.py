@@ -240,7 +240,9 @@ def test_check_summary_records_and_policies(tmp_path):
 def test_allow_inf_patterns():
     class Mask(nn.Module):
         def forward(self, x):
-            m = torch.zeros(x.shape[0], x.shape[0])
+            # a relative-position bias with -inf on the diagonal: not a pure 0/-inf additive
+            # mask (those are allowed without a pattern), so it needs allow_inf
+            m = torch.full((x.shape[0], x.shape[0]), 0.5)
             m.fill_diagonal_(float("-inf"))
             return x + 0, m
 
