@@ -57,7 +57,8 @@ class Decoder:
         """CPU, before the optimizer's update: check the records of the open step so far
         and apply the policy now (a bad gradient raises before it reaches the weights).
         The step's final decode reports only what came after."""
-        if self.config.sync or self._dist is not None or step.decoded >= len(step.order):
+        if self.config.sync or self._dist is not None or (
+                step.decoded >= len(step.order) and not self._rec.has_compiled):
             return
         self._rec.copy_to_host()
         self._decode(step, True, partial=True)

@@ -369,12 +369,13 @@ class Monitor(Decoder):
         cur = self._cur
         # a root forward is a step boundary until an optimizer has stepped (then the
         # optimizer's steps are the steps); evaluation forwards never are
-        if not self._external_steps and not self._opt_stepped and \
-                (cur.forward or cur.backward or cur.order) and torch.is_grad_enabled() and \
-                not torch.is_inference_mode_enabled():
+        training = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        if training and not self._external_steps and not self._opt_stepped and \
+                (cur.train or cur.backward):
             self._end_step()
             cur = self._cur
         cur.forward = True
+        cur.train = cur.train or training
         _FORWARD_TICKS[0] += 1
         self._forward_tick = _FORWARD_TICKS[0]  # which model's step a loss belongs to
         self._forward_thread = threading.get_ident()
@@ -691,19 +692,37 @@ class Monitor(Decoder):
             cached = self._opt_cache[optimizer] = (len(groups), ours)
         return cached[1]
 
-    def _optimizer_pre_hook(self, optimizer, args, kwargs) -> None:
+    def _optimizer_pre_hook(self, optimizer, args, kwargs):
         """Before the update: on CPU the step's records so far (gradients included) are
         decoded now, so a bad gradient raises before it reaches the weights. With
         ``on_anomaly="skip"`` (any device: one host sync per step on an accelerator) a step
-        with an anomaly gets no update: see :meth:`_skip_update`."""
+        with an anomaly gets no update: see :meth:`_skip_update`. A ``closure`` (Lightning,
+        LBFGS: forward and backward run inside ``step()``) is wrapped so the check runs
+        after it, still before the update."""
         if self._removed or not self._optimizer_owns(optimizer):
+            return None
+        closure = kwargs.get("closure", args[0] if args else None)
+        if callable(closure):
+            def checked_closure():
+                result = closure()
+                self._before_update(optimizer)
+                return result
+            if "closure" in kwargs:
+                return args, dict(kwargs, closure=checked_closure)
+            return (checked_closure,) + tuple(args[1:]), kwargs
+        self._before_update(optimizer)
+        return None
+
+    def _before_update(self, optimizer) -> None:
+        if self._removed:
             return
         if self._grad_queue:
             self._flush_grads()
         cur = self._cur
         skip = self.config.on_anomaly == "skip"
-        if cur.order and (skip or self._pending is None and
-                          all(b.device.type == "cpu" for b in self._rec.buffers.values())):
+        if (cur.order or self._rec.has_compiled) and (
+                skip or self._pending is None and
+                all(b.device.type == "cpu" for b in self._rec.buffers.values())):
             if self._pending is not None:
                 self._decode_pending()  # the previous step first: host buffers are shared
             self._decode_partial(cur)
@@ -852,9 +871,14 @@ class _OptimizerHooks:
                     h.remove()
                 self.handles = []
 
-    def pre(self, optimizer, args, kwargs) -> None:
+    def pre(self, optimizer, args, kwargs):
+        changed = False
         for mon in self.monitors:
-            mon._optimizer_pre_hook(optimizer, args, kwargs)
+            result = mon._optimizer_pre_hook(optimizer, args, kwargs)
+            if result is not None:  # a wrapped closure
+                args, kwargs = result
+                changed = True
+        return (args, kwargs) if changed else None
 
     def post(self, optimizer, args, kwargs) -> None:
         for mon in self.monitors:

@@ -142,6 +142,8 @@ def test_lightning_trainer_finds_and_names_a_nan_mid_model(tmp_path):
                 _trainer(tmp_path).fit(module)
     a = err.value.anomaly
     assert (a.site, a.phase, a.kind) == ("net.scale", "forward", "nan")
+    # the sanity validation (no_grad) is not a step: batch 3 is the fourth optimizer step
+    assert a.step == 3
     assert all(torch.isfinite(p).all() for p in module.parameters())  # weights kept
 
 
