@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from . import distributed as _distributed
-from . import labels, ops
+from . import drilldown, labels, ops
 from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
 from .errors import Anomaly
@@ -117,6 +117,7 @@ class Monitor(Decoder):
         self._cur = Step(0, True)
         self._external_steps = False  # set_step() called: a trainer numbers the steps
         self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
+        self._drill: Optional[drilldown.Drilldown] = None  # sync mode: exact-op search
         _distributed.agree_settings(config)  # a collective on every rank, also when off
         if not config.enabled:
             return
@@ -139,6 +140,9 @@ class Monitor(Decoder):
             self._detach()
             raise
         labels.install_loss_guard(self)
+        if self.config.sync:
+            self._drill = drilldown.Drilldown(self)
+            drilldown.install(self._drill)
 
     def _add_modules(self, root: nn.Module, prefix: str) -> None:
         """Hook ``root`` and its submodules not hooked yet (site names ``prefix.qualname``)."""
@@ -166,7 +170,8 @@ class Monitor(Decoder):
             self._calls.append(0)
         for i in range(first, len(self._modules)):
             mod = self._modules[i]
-            self._handles.append(mod.register_forward_hook(self._make_forward_hook(i)))
+            self._handles.append(mod.register_forward_hook(self._make_forward_hook(i),
+                                                           with_kwargs=True))
             for pname, p in mod.named_parameters(recurse=False):
                 if id(p) in self._param_ids or not p.requires_grad:
                     continue
@@ -196,6 +201,8 @@ class Monitor(Decoder):
 
     def _detach(self) -> None:
         labels.uninstall_loss_guard(self)
+        if self._drill is not None:
+            drilldown.uninstall(self._drill)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -294,6 +301,8 @@ class Monitor(Decoder):
         self._forward_tick = next(_FORWARD_TICKS)  # which model's step a loss belongs to
         if cur.active:
             sid = self._stacks.capture(1)
+            if self._drill is not None:  # weak references + RNG state, for a replay
+                self._drill.root_call(module, args, kwargs, sid)
             for role, t in walk(args, "input"):
                 self._record(t, -1, "<input>", "input", role, 0, sid)
             if kwargs:
@@ -302,10 +311,18 @@ class Monitor(Decoder):
         return None
 
     def _make_forward_hook(self, index: int):
-        def forward_hook(module, args, output):
+        def forward_hook(module, args, kwargs, output):
             if self._removed or not self._cur.active:
                 return None
-            self._on_forward(index, output)
+            drill = self._drill
+            if drill is None:
+                self._on_forward(index, output)
+                return None
+            drill.forward_call(module, args, kwargs, output, index == 0)
+            try:  # sync mode: the call is at hand for a replay while its records are checked
+                self._on_forward(index, output)
+            finally:
+                drill.forward_done()
             return None
         return forward_hook
 
