@@ -66,6 +66,7 @@ import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch.autograd.graph import GradientEdge
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -79,6 +80,7 @@ _MODE_FILES = ("/torch/utils/_python_dispatch.py", "/torch/overrides.py",
                "/torch/_ops.py", "/torch/utils/_contextlib.py", "/torch/_compile.py",
                "/torch/_dynamo/eval_frame.py")
 MAX_NODES = 100_000
+PROBE_NODES = 2_000  # loss-side nodes walked per backward (sync mode); beyond: no probe
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -328,36 +330,36 @@ class _NodeOrigins(TorchFunctionMode):
         return out
 
 
-def _graph_nodes(roots, stop=()) -> list:
-    """Autograd nodes reachable from ``roots`` (breadth first), not descending below
-    ``stop`` nodes."""
+def _graph_nodes(roots, stop_ids=frozenset(), limit: int = MAX_NODES) -> list:
+    """Autograd nodes reachable from ``roots`` (breadth first), at most ``limit``; nodes
+    whose ``id`` is in ``stop_ids`` are neither listed nor walked below."""
     seen, order = set(), []
     todo = collections.deque(n for n in roots if n is not None)
-    stop = set(stop)
-    while todo and len(order) < MAX_NODES:
+    while todo and len(order) < limit:
         node = todo.popleft()
         if node in seen:
             continue
         seen.add(node)
+        if id(node) in stop_ids:
+            continue  # the model's side of a loss graph: neither hooked nor walked
         order.append(node)
-        if node in stop:
-            continue
         for nxt, _ in node.next_functions:
             if nxt is not None and nxt not in seen:
                 todo.append(nxt)
     return order
 
 
-def first_bad_node(outputs, grads, inputs, keep: bool, stop=()):
+def first_bad_node(outputs, grads, inputs, keep: bool, stop_ids=frozenset()):
     """Run ``torch.autograd.grad(outputs, inputs, grads)`` with a post-hook on every node
     and return the first node (in execution order) whose output gradients are non-finite
     while its incoming gradients are finite, or None.
 
     Args:
         outputs, grads: lists of tensors (same length; grads may hold None for ones).
-        inputs: tensors to differentiate with respect to (non-empty).
+        inputs: tensors or ``GradientEdge`` to differentiate with respect to (non-empty).
         keep: retain the graph (for the real loss graph, freed by the real backward).
-        stop: nodes not to hook below (the model's side of a loss graph).
+        stop_ids: ``id`` of nodes not to hook nor walk below (the model's side of a loss
+            graph).
     """
     found = []
 
@@ -371,7 +373,7 @@ def first_bad_node(outputs, grads, inputs, keep: bool, stop=()):
             return None
         return hook
 
-    nodes = _graph_nodes([o.grad_fn for o in outputs], stop)
+    nodes = _graph_nodes([o.grad_fn for o in outputs], stop_ids)
     handles = [n.register_hook(make(n)) for n in nodes]
     try:
         torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
@@ -451,9 +453,10 @@ def _replay_backward(monitor, module, args, kwargs, rng=None):
 
 # ----------------------------------------------------------------------------- loss graph
 
-_TOKENS = {"Div": r"/|\bdiv\b|true_divide", "Log": r"\blog", "Sqrt": r"sqrt",
-           "Pow": r"\*\*|\bpow\b", "Reciprocal": r"reciprocal|1\s*/", "Exp": r"\bexp",
-           "Rsqrt": r"rsqrt", "Where": r"\bwhere\b"}
+# source tokens of an op as people write it (``a / b``, ``torch.div(a, b)``, ``x.log()``)
+_TOKENS = {"Div": r"(?<!/)/(?!/)|\bdiv_?\(|divide\(", "Log": r"\blog(2|10|1p)?_?\(",
+           "Sqrt": r"\bsqrt_?\(", "Pow": r"\*\*|\bpow_?\(", "Reciprocal": r"reciprocal|1\s*/",
+           "Exp": r"\bexp_?\(", "Rsqrt": r"\brsqrt_?\(", "Where": r"\bwhere\("}
 
 
 def _guess_line(node_name: str, frame) -> List[traceback.FrameSummary]:
@@ -474,6 +477,7 @@ def _guess_line(node_name: str, frame) -> List[traceback.FrameSummary]:
 
 class _State:
     replaying = 0
+    depth = 0  # nesting of the backward wrappers (Tensor.backward -> autograd.backward)
     owners: list = []  # Drilldown objects of live sync monitors, most recent last
     originals: dict = {}
 
@@ -501,12 +505,16 @@ def _probe(tensors, grad_tensors, frame) -> None:
 
 def _wrap_tensor_backward(original):
     def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
-        if inputs is None:
+        outer = not _STATE.depth
+        if outer and inputs is None:
             _probe([self], [gradient], sys._getframe(1))
+        _STATE.depth += 1
         try:
             return original(self, gradient, retain_graph, create_graph, inputs)
         finally:
-            _clear_pending()
+            _STATE.depth -= 1
+            if outer:
+                _clear_pending()
     backward.__wrapped__ = original
     backward.__doc__ = original.__doc__
     return backward
@@ -515,18 +523,22 @@ def _wrap_tensor_backward(original):
 def _wrap_autograd_backward(original):
     def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
                  grad_variables=None, inputs=None):
-        if inputs is None and grad_variables is None:
+        outer = not _STATE.depth  # Tensor.backward calls this one: probe once
+        if outer and inputs is None and grad_variables is None:
             ts = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
             gs = grad_tensors
             gs = [gs] if isinstance(gs, torch.Tensor) or gs is None else list(gs)
             if len(gs) < len(ts):
                 gs = gs + [None] * (len(ts) - len(gs))
             _probe(ts, gs, sys._getframe(1))
+        _STATE.depth += 1
         try:
             return original(tensors, grad_tensors, retain_graph, create_graph,
                             grad_variables, inputs)
         finally:
-            _clear_pending()
+            _STATE.depth -= 1
+            if outer:
+                _clear_pending()
     backward.__wrapped__ = original
     backward.__doc__ = original.__doc__
     return backward
@@ -576,7 +588,7 @@ class Drilldown:
         self.monitor = monitor
         self.call: Optional[tuple] = None  # (module, args, kwargs) during its forward hook
         self.root: Optional[tuple] = None  # (module, weak args, weak kwargs, rng, frames)
-        self.root_outputs: List[weakref.ref] = []
+        self.root_edges: frozenset = frozenset()  # (id(grad_fn), output_nr) of root outputs
         self.loss_op: Optional[Operation] = None
         self.loss_note = ""
 
@@ -592,14 +604,15 @@ class Drilldown:
                       key=str)
         rng = (torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda])
         self.root = (module, wa, wk, rng, frames_sid)
-        self.root_outputs = []
+        self.root_edges = frozenset()
 
     def forward_call(self, module, args, kwargs, output, is_root: bool) -> None:
         """Forward hook: the current call (cleared by :meth:`forward_done`)."""
         self.call = (module, args, kwargs)
-        if is_root:
-            self.root_outputs = [weakref.ref(t) for _, t in walk(output, "output")
-                                 if t.requires_grad]
+        if is_root:  # ids only: the outputs' lifetime is the user's (see probe_loss)
+            self.root_edges = frozenset((id(t.grad_fn), t.output_nr)
+                                        for _, t in walk(output, "output")
+                                        if t.grad_fn is not None)
 
     def forward_done(self) -> None:
         self.call = None
@@ -682,11 +695,25 @@ class Drilldown:
     def probe_loss(self, tensors, grad_tensors, frame) -> None:
         """Before the real backward: gradients of the loss w.r.t. the root outputs through
         the loss-side graph only (kept for the real backward, which frees it)."""
-        outs = [r() for r in self.root_outputs]
-        outs = [t for t in outs if t is not None and t.grad_fn is not None]
+        if not self.root_edges:
+            return
         roots = [(t, g) for t, g in zip(tensors, grad_tensors)
                  if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-        if not outs or not roots:
+        if not roots:
+            return
+        # The root outputs' tensors may be gone (``model(x) / div``), their nodes are not:
+        # find them in the loss graph by id and differentiate w.r.t. their gradient edges.
+        stop = {nid for nid, _ in self.root_edges}
+        outs = []
+        for node in _graph_nodes([t.grad_fn for t, _ in roots], limit=PROBE_NODES):
+            for nxt, nr in node.next_functions:
+                if nxt is not None and (id(nxt), nr) in self.root_edges:
+                    edge = GradientEdge(nxt, nr)
+                    if all(e.node is not nxt or e.output_nr != nr for e in outs):
+                        outs.append(edge)
+            if id(node) in stop:
+                break
+        if not outs:
             return
         ts = [t for t, _ in roots]
         gs = [g if g is not None else torch.ones_like(t) for t, g in roots]
@@ -698,13 +725,12 @@ class Drilldown:
             got = torch.autograd.grad(ts, outs, gs, retain_graph=True, allow_unused=True)
             if not any(g is not None and _nonfinite(g, False) for g in got):
                 return
-            hit = first_bad_node(ts, gs, outs, keep=True, stop=[o.grad_fn for o in outs])
+            hit = first_bad_node(ts, gs, outs, keep=True, stop_ids=stop)
         finally:
             mon._removed = removed
             _STATE.replaying -= 1
         if hit is None:
-            self.loss_note = "the loss-side gradient is bad but no single node produced it"
-            return
+            return  # the loss side is fine: the bad gradient comes from inside the model
         node, summary = hit
         guess = _guess_line(node.name(), frame)
         how = ("gradient probe of the code between the model's output and backward() "
