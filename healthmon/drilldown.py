@@ -287,6 +287,11 @@ def backward_summary(node) -> str:
 
 # ----------------------------------------------------------------------------- modes
 
+_UNINITIALIZED = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+                  "aten::new_empty_strided", "aten::empty_permuted", "aten::resize_",
+                  "aten::resize_as_"}
+
+
 class _FirstBadOp(TorchDispatchMode):
     """Checks each aten op's outputs; remembers the first non-finite one (replay only)."""
 
@@ -304,6 +309,8 @@ class _FirstBadOp(TorchDispatchMode):
         if func._schema.is_mutable:  # in-place: keep what it received
             ins = [t.clone() for t in ins]
         out = func(*args, **kwargs)
+        if func._schema.name in _UNINITIALIZED:
+            return out  # uninitialised memory may read as NaN: not a result
         outs = _float_tensors(out)
         if any(_nonfinite(t, self.allow_inf) for t in outs):
             name = func._schema.name  # aten::div (the overload would only add noise)
