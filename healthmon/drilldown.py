@@ -629,6 +629,12 @@ class Drilldown:
     def explain(self, site, anomaly) -> None:
         """Attach the exact operation to ``anomaly`` (the first of its step), or say in
         ``anomaly.drilldown`` why it could not be named. Never raises."""
+        if self.monitor._dist is not None:
+            anomaly.drilldown = ("not searched under torch.distributed (a replay could run a "
+                                 "collective on one rank only)")
+            return
+        if torch.compiler.is_compiling():
+            return
         try:
             if site.phase == "forward":
                 self._explain_forward(site, anomaly)
@@ -653,7 +659,8 @@ class Drilldown:
             if mode.found is not None and not mode.inherited:
                 op, summary, frames = mode.found
                 anomaly.operation = Operation(op, "forward", summary, anomaly.stack + frames,
-                                              how=f"replay of {site.name} forward")
+                                              how=f"replay of {anomaly.site} "
+                                              f"[{type(module).__name__}] forward")
                 return
             notes.append("its input was already bad when it was called" if mode.inherited
                          else "the replay of its forward gave finite outputs")
@@ -712,14 +719,12 @@ class Drilldown:
         # find them in the loss graph by id and differentiate w.r.t. their gradient edges.
         stop = {nid for nid, _ in self.root_edges}
         outs = []
-        for node in _graph_nodes([t.grad_fn for t, _ in roots], limit=PROBE_NODES):
+        for node in _graph_nodes([t.grad_fn for t, _ in roots], stop, PROBE_NODES):
             for nxt, nr in node.next_functions:
                 if nxt is not None and (id(nxt), nr) in self.root_edges:
                     edge = GradientEdge(nxt, nr)
                     if all(e.node is not nxt or e.output_nr != nr for e in outs):
                         outs.append(edge)
-            if id(node) in stop:
-                break
         if not outs:
             return
         ts = [t for t, _ in roots]
