@@ -80,6 +80,7 @@ _MODE_FILES = ("/torch/utils/_python_dispatch.py", "/torch/overrides.py",
                "/torch/_ops.py", "/torch/utils/_contextlib.py", "/torch/_compile.py",
                "/torch/_dynamo/eval_frame.py")
 MAX_NODES = 100_000
+_CUDA = torch.cuda.is_available()
 PROBE_NODES = 2_000  # loss-side nodes walked per backward (sync mode); beyond: no probe
 
 
@@ -482,6 +483,42 @@ def _guess_line(node_name: str, frame) -> List[traceback.FrameSummary]:
     return []
 
 
+# Loss-side nodes whose derivative blows up at a point of their saved input: name ->
+# (saved attribute, test). Only these are checked before backward (one read each); a
+# flagged node triggers the full gradient probe, which confirms it.
+_RISKS = {
+    "DivBackward0": ("_saved_other", lambda t: t == 0),
+    "ReciprocalBackward0": ("_saved_result", torch.isinf),
+    "LogBackward0": ("_saved_self", lambda t: t <= 0),
+    "Log2Backward0": ("_saved_self", lambda t: t <= 0),
+    "Log10Backward0": ("_saved_self", lambda t: t <= 0),
+    "Log1PBackward0": ("_saved_self", lambda t: t <= -1),
+    "SqrtBackward0": ("_saved_result", lambda t: t == 0),
+    "RsqrtBackward0": ("_saved_self", lambda t: t <= 0),
+    "PowBackward0": ("_saved_self", lambda t: t == 0),
+    "PowBackward1": ("_saved_self", lambda t: t <= 0),
+    "AcosBackward0": ("_saved_self", lambda t: t.abs() >= 1),
+    "AsinBackward0": ("_saved_self", lambda t: t.abs() >= 1),
+    "LinalgVectorNormBackward0": ("_saved_result", lambda t: t == 0),
+    "NormBackward1": ("_saved_result", lambda t: t == 0),
+}
+
+
+def _risky(node) -> bool:
+    """Whether a loss-side node's saved input sits where its derivative is not finite (or
+    holds non-finite values). One small read per node of the kinds in :data:`_RISKS`."""
+    risk = _RISKS.get(node.name())
+    if risk is None:
+        return False
+    try:
+        t = getattr(node, risk[0])
+    except (AttributeError, RuntimeError):
+        return True  # unreadable: let the probe decide
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        return False
+    return bool((risk[1](t) | ~torch.isfinite(t)).any())
+
+
 class _State:
     replaying = 0
     depth = 0  # nesting of the backward wrappers (Tensor.backward -> autograd.backward)
@@ -608,7 +645,7 @@ class Drilldown:
             self.root = None
             return
         cuda = sorted({t.device for t in _float_tensors((args, kwargs)) if t.is_cuda},
-                      key=str)
+                      key=str) if _CUDA else []
         rng = (torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda])
         self.root = (module, wa, wk, rng, frames_sid)
         self.root_edges = frozenset()
@@ -719,14 +756,17 @@ class Drilldown:
         # find them in the loss graph by id and differentiate w.r.t. their gradient edges.
         stop = {nid for nid, _ in self.root_edges}
         outs = []
+        risky = False
         for node in _graph_nodes([t.grad_fn for t, _ in roots], stop, PROBE_NODES):
             for nxt, nr in node.next_functions:
                 if nxt is not None and (id(nxt), nr) in self.root_edges:
                     edge = GradientEdge(nxt, nr)
                     if all(e.node is not nxt or e.output_nr != nr for e in outs):
                         outs.append(edge)
-        if not outs:
-            return
+            if not risky:
+                risky = _risky(node)
+        if not outs or not risky:
+            return  # healthy: a walk of the loss-side nodes, no gradient computed
         ts = [t for t, _ in roots]
         gs = [g if g is not None else torch.ones_like(t) for t, g in roots]
         mon = self.monitor
