@@ -495,7 +495,7 @@ _RISKS = {
     "Log1PBackward0": ("_saved_self", lambda t: t <= -1),
     "SqrtBackward0": ("_saved_result", lambda t: t == 0),
     "RsqrtBackward0": ("_saved_self", lambda t: t <= 0),
-    "PowBackward0": ("_saved_self", lambda t: t == 0),
+    "PowBackward0": ("_saved_self", None),  # x ** p at 0 with p < 1: see _risky
     "PowBackward1": ("_saved_self", lambda t: t <= 0),
     "AcosBackward0": ("_saved_self", lambda t: t.abs() >= 1),
     "AsinBackward0": ("_saved_self", lambda t: t.abs() >= 1),
@@ -516,7 +516,12 @@ def _risky(node) -> bool:
         return True  # unreadable: let the probe decide
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         return False
-    return bool((risk[1](t) | ~torch.isfinite(t)).any())
+    test = risk[1]
+    if test is None:  # PowBackward0: x ** p is smooth at 0 for p >= 1 (x ** 2 of a ReLU)
+        p = getattr(node, "_saved_exponent", 0)
+        test = (lambda x: x == 0) if isinstance(p, (int, float)) and p < 1 else \
+            (lambda x: torch.zeros_like(x, dtype=torch.bool))
+    return bool((test(t) | ~torch.isfinite(t)).any())
 
 
 class _State:

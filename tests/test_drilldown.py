@@ -218,23 +218,34 @@ def test_loss_code_outside_modules_seed_002():
 
 
 def test_loss_probe_does_not_record_twice_and_uninstalls(monkeypatch):
+    """A loss with a node the pre-backward walk flags (a power with a tensor exponent of a
+    ReLU output: base 0, yet smooth there) makes the probe compute loss-side gradients:
+    the records must be those of the same monitor without the drill-down."""
+    calls = []
+
     def run(drill: bool):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
-        original = torch.Tensor.backward
+        original, grad = torch.Tensor.backward, torch.autograd.grad
         if not drill:  # the same sync monitor without the backward wrappers
             monkeypatch.setattr(drilldown, "install", lambda d: None)
             monkeypatch.setattr(drilldown, "uninstall", lambda d: None)
+        else:
+            monkeypatch.setattr(torch.autograd, "grad",
+                                lambda *a, **k: calls.append(1) or grad(*a, **k))
         with healthmon.watch(model, sync=True) as mon:
             assert drilldown.installed() == drill
             for _ in range(2):
-                (model(torch.randn(3, 4)) ** 2).mean().backward()
+                out = model(torch.randn(3, 4)).relu()  # zeros: PowBackward1 is flagged
+                (out ** torch.tensor(2.0)).mean().backward()
             mon.check()
             rows = mon.records()
+            assert not mon.anomalies
         monkeypatch.undo()
         assert torch.Tensor.backward is original and not drilldown.installed()
         return [(r["site"], r["phase"], r["role"], r["nan"], r["norm"]) for r in rows]
     assert run(True) == run(False)
+    assert calls  # the probe did compute gradients
 
 
 # --------------------------------------------------------------------------- in place
