@@ -103,6 +103,11 @@ def _count(mask: torch.Tensor) -> int:
     return int(mask.sum())
 
 
+def _n(k: int, word: str) -> str:
+    """``1 zero``, ``3 zeros``."""
+    return f"{k} {word}" if k == 1 else f"{k} {word}s"
+
+
 def _describe(t: torch.Tensor) -> str:
     """``shape (4, 8), 2 NaN, 1 zeros, range [-1, 3]`` of one tensor."""
     if not t.is_floating_point():
@@ -207,8 +212,8 @@ def forward_summary(name: str, inputs: List[torch.Tensor], out: List[torch.Tenso
     x = inputs[0] if inputs else None
     if x is not None and short in ("log", "log2", "log10"):
         zeros, neg = _count(x == 0), _count(x < 0)
-        what = [f"{zeros} zeros"] if zeros else []
-        what += [f"{neg} negative values"] if neg else []
+        what = [_n(zeros, "zero")] if zeros else []
+        what += [_n(neg, "negative value")] if neg else []
         return f"{short} received {' and '.join(what) or 'no zeros'} ({_describe(x)})"
     if x is not None and short == "log1p":
         return f"log1p received {_count(x <= -1)} values <= -1 ({_describe(x)})"
@@ -229,7 +234,7 @@ def forward_summary(name: str, inputs: List[torch.Tensor], out: List[torch.Tenso
                     both = f" ({_count((n == 0) & (d == 0))} of them 0/0)"
                 except RuntimeError:
                     both = ""
-            return f"divisor has {zeros} zeros{both} (divisor {_describe(d)})"
+            return f"divisor has {_n(zeros, 'zero')}{both} (divisor {_describe(d)})"
     if short in ("pow",) and x is not None:
         return f"pow of {_describe(x)}: negative base with a fractional exponent, or 0 to a " \
                f"negative power, or overflow"
@@ -269,7 +274,7 @@ def backward_summary(node) -> str:
     if op in ("div", "reciprocal") and ("other" in saved or "result" in saved):
         d = saved.get("other", saved.get("self"))
         if d is not None:
-            return (f"divisor has {_count(d == 0)} zeros: the derivative of a / b is 1/b "
+            return (f"divisor has {_n(_count(d == 0), 'zero')}: the derivative of a / b is 1/b "
                     f"(a gradient of 0 through a division by 0 is still NaN, e.g. the "
                     f"untaken branch of torch.where); divisor {_describe(d)}")
     if op in ("log", "log2", "log10") and "self" in saved:
@@ -467,15 +472,19 @@ _TOKENS = {"Div": r"(?<!/)/(?!/)|\bdiv_?\(|divide\(", "Log": r"\blog(2|10|1p)?_?
            "Exp": r"\bexp_?\(", "Rsqrt": r"\brsqrt_?\(", "Where": r"\bwhere\("}
 
 
-def _guess_line(node_name: str, frame) -> List[traceback.FrameSummary]:
-    """Best guess of the forward line of a loss-side node: the last line before ``frame``'s
-    current line, in its function, holding the op's token."""
+def _guess_line(node_name: str, frame, lower: Optional[int] = None
+                ) -> List[traceback.FrameSummary]:
+    """Best guess of the forward line of a loss-side node: the last line up to ``frame``'s
+    current line, in its function and not above ``lower`` (the line that called the model,
+    when it is in the same function), holding the op's token."""
     token = _TOKENS.get(re.sub(r"Backward\d*$", "", node_name))
     if token is None or frame is None:
         return []
     code = frame.f_code
     first = code.co_firstlineno if code.co_name != "<module>" else 1
-    for lineno in range(frame.f_lineno - 1, first - 1, -1):
+    if lower is not None:
+        first = max(first, lower)
+    for lineno in range(frame.f_lineno, first - 1, -1):  # ``(model(x) / d).backward()``
         text = linecache.getline(code.co_filename, lineno)
         src = text.split("#")[0]
         if re.search(token, src):
@@ -640,6 +649,9 @@ class Drilldown:
         self.root_edges: frozenset = frozenset()  # (id(grad_fn), output_nr) of root outputs
         self.loss_op: Optional[Operation] = None
         self.loss_note = ""
+        # other top-level watched modules (a loss module): weak refs to their last call
+        self.extra_calls: Dict[int, tuple] = {}
+        self._tops: Tuple[int, frozenset] = (-1, frozenset())
 
     # --- what the hooks hand over (sync mode only) ---------------------------------------
 
@@ -654,6 +666,7 @@ class Drilldown:
         rng = (torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda])
         self.root = (module, wa, wk, rng, frames_sid)
         self.root_edges = frozenset()
+        self.extra_calls = {}
 
     def forward_call(self, module, args, kwargs, output, is_root: bool) -> None:
         """Forward hook: the current call (cleared by :meth:`forward_done`)."""
@@ -662,6 +675,19 @@ class Drilldown:
             self.root_edges = frozenset((id(t.grad_fn), t.output_nr)
                                         for _, t in walk(output, "output")
                                         if t.grad_fn is not None)
+        elif id(module) in self._top_modules():  # a watched loss module: weak refs
+            wa, wk = _weak(args), _weak(kwargs or {})
+            if wa is not None and wk is not None:
+                self.extra_calls[id(module)] = (module, wa, wk)
+
+    def _top_modules(self) -> frozenset:
+        """ids of the watched modules, other than the root, that no watched module contains
+        (modules passed to ``watch(model, loss_module)``); cached per module count."""
+        mods = self.monitor._modules
+        if self._tops[0] != len(mods):
+            inner = {id(c) for m in mods for c in m.children()}
+            self._tops = (len(mods), frozenset(id(m) for m in mods[1:] if id(m) not in inner))
+        return self._tops[1]
 
     def forward_done(self) -> None:
         self.call = None
@@ -726,6 +752,22 @@ class Drilldown:
         anomaly.drilldown = "not found: " + "; ".join(notes or ["nothing to replay"])
 
     def _explain_backward(self, anomaly) -> None:
+        mon = self.monitor
+        blamed = mon._names.index(anomaly.site) if anomaly.site in mon._names else -1
+        extra = self.extra_calls.get(id(mon._modules[blamed])) if blamed >= 0 else None
+        if extra is not None:  # a watched loss module consumed it: replay that module
+            try:
+                module, args, kwargs = extra[0], _strong(extra[1]), _strong(extra[2])
+            except LookupError:
+                pass
+            else:
+                hit = _replay_backward(mon, module, args, kwargs)
+                if hit is not None:
+                    name, summary, frames = hit
+                    anomaly.operation = Operation(
+                        name, "backward", summary, anomaly.stack + frames,
+                        how=f"replay of {anomaly.site} forward + backward")
+                    return
         if self.loss_op is not None:
             anomaly.operation = self.loss_op
             return
@@ -789,7 +831,13 @@ class Drilldown:
         if hit is None:
             return  # the loss side is fine: the bad gradient comes from inside the model
         node, summary = hit
-        guess = _guess_line(node.name(), frame)
+        lower = None
+        if self.root is not None and frame is not None:  # the line that called the model
+            code = frame.f_code
+            for fr in self.monitor._stacks.frames(self.root[4]):
+                if fr.filename == code.co_filename and fr.name == code.co_name:
+                    lower = fr.lineno
+        guess = _guess_line(node.name(), frame, lower)
         how = ("gradient probe of the code between the model's output and backward() "
                "(outside the watched modules)")
         if not guess and frame is not None:  # no line: say where backward was called

@@ -217,6 +217,31 @@ def test_loss_code_outside_modules_seed_002():
     assert "best guess" in text
 
 
+class MaskedRatioLoss(nn.Module):
+    def forward(self, pred, div, mask):
+        y = pred / div
+        return y[mask].sum()
+
+
+def test_watched_loss_module_gets_its_exact_line():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    crit = MaskedRatioLoss()
+    x, div = torch.randn(6, 8), torch.rand(6, 4) + 0.5
+    div[2, 1] = 0.0
+
+    with pytest.raises(healthmon.HealthError) as info:
+        with healthmon.watch(model, crit, sync=True):
+            pred = model(x)
+            loss = crit(pred, div, div != 0)
+            loss.backward()
+    op = info.value.anomaly.operation
+    assert op is not None, info.value.anomaly.drilldown
+    assert op.op == "DivBackward0" and op.certain
+    assert user_lines(op)[0] == line_of(MaskedRatioLoss.forward, "pred / div")
+    assert "divisor has 1 zero:" in op.summary
+
+
 def test_loss_probe_does_not_record_twice_and_uninstalls(monkeypatch):
     """A loss with a node the pre-backward walk flags (a power with a tensor exponent of a
     ReLU output: base 0, yet smooth there) makes the probe compute loss-side gradients:
