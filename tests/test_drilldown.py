@@ -388,3 +388,19 @@ def test_library_frames_are_not_your_code(tmp_path):
     text = a.report()
     mine_at = text.index("your code")
     assert text.index(lib) > text.index("through libraries") > mine_at
+
+
+def test_sync_monitor_keeps_no_user_tensor_alive():
+    import weakref
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    crit = MaskedRatioLoss()
+    with healthmon.watch(model, crit, sync=True) as mon:
+        x, div = torch.randn(3, 4), torch.rand(3, 2) + 0.5
+        pred = model(x)
+        mask = div > 0
+        loss = crit(pred, div, mask)
+        loss.backward()
+        refs = [weakref.ref(t) for t in (x, div, pred, mask, loss)]
+        del x, div, pred, mask, loss
+        assert [r() for r in refs] == [None] * 5
+        assert mon._drill.extra_calls  # what it does hold for the loss module: weak refs
