@@ -39,21 +39,36 @@ Mechanisms (the options, and why these):
   particular upstream value triggers is missed).
 * **Code outside modules** (the loss; seed 002: ``y = model(x) / div; y[div > 0]``): sync
   mode wraps ``torch.Tensor.backward`` / ``torch.autograd.backward`` (reference-counted,
-  uninstalled by the last monitor). Before the real backward the wrapper runs
-  ``torch.autograd.grad(loss, root outputs, retain_graph=True)``: autograd prunes it to the
-  loss-side nodes only (a small fraction of a step; measured in the report of issue 15) and
-  nothing is retained past the real backward, which follows and frees the graph as usual.
-  When those gradients are bad, the loss-side graph is still whole: post-hooks on its nodes
-  name the first bad node and its saved inputs. Its *line* is not recorded by autograd
-  (only ``detect_anomaly`` does, per op), so it is a best guess: the last line before the
-  ``backward`` call, in the function that called it, that contains the op's token (``/``
-  for ``DivBackward0``), marked as a guess in the report.
+  uninstalled by the last monitor; separate from any other backward wrapper). Before the
+  real backward the wrapper walks the loss-side autograd nodes (from the loss down to the
+  root outputs' nodes, found by ``id``: the output tensors themselves may be gone, as in
+  ``model(x) / div``) and reads the saved input of the few node kinds whose derivative can
+  blow up (:data:`_RISKS`: a division's divisor at 0, log at 0, sqrt at 0, pow < 1 at 0,
+  ...). Only a flagged node costs more: ``torch.autograd.grad(loss, root output edges,
+  retain_graph=True)`` over the loss side (nothing is retained past the real backward,
+  which follows and frees the graph as usual) and, when those gradients are bad, a
+  post-hook per loss-side node names the first bad one with its saved inputs. Its *line* is
+  not recorded by autograd (only ``detect_anomaly`` does, per op), so it is a best guess:
+  the last line between the model call and the ``backward()`` call, in the function that
+  called it, that holds the op's token (``/`` for ``DivBackward0``); the report marks it.
+  Options measured and rejected: running that probe on every backward (the whole loss-side
+  backward twice per step: +15 % on a tiny MLP step on this machine); forcing
+  ``retain_graph=True`` on the real backward (keeps every activation alive until the user
+  drops the loss: a lifetime change); a function mode over the loss code (per-op cost).
+* **A watched loss module** (``watch(model, loss_module)``) consumed the bad gradient: its
+  forward hook keeps weak references to its arguments, and the module is replayed forward
+  + backward like the model (exact lines). Arguments passed as temporaries
+  (``crit(model(x), y != 0)``) are gone by then: the loss probe answers instead.
 
 Limits: ops inside ``torch.compile``-d regions are replayed eagerly (the replay may differ
-from the compiled kernels, e.g. fused casts); non-deterministic ops (scatter-add on GPU,
-data-dependent shapes) may not reproduce; in-place chains that modify the *root* inputs
-cannot be replayed from them; user hooks on the replayed modules run again during the
-replay; loss code in a helper function gets the op and its inputs but no line.
+from the compiled kernels, e.g. fused casts) and nothing runs while Dynamo traces;
+non-deterministic ops (scatter-add on GPU, data-dependent shapes) may not reproduce;
+in-place chains that modify the *root* inputs cannot be replayed from them; the backward
+replay uses ones as the upstream gradient and runs outside the forward's autocast; user
+hooks on the replayed modules run again during the replay; loss code in a helper function
+gets the op and its inputs but the line shown is the ``backward()`` call; loss-side ops
+outside :data:`_RISKS` are not named; no search under ``torch.distributed`` (a replay could
+run a collective on one rank only).
 """
 from __future__ import annotations
 
