@@ -11,7 +11,10 @@ Variants, each on its own model copy and optimizer:
               wrappers removed): sync mode as it was before issue 15
 
 Rounds interleave the variants (rotating order); the table gives the median of per-round
-ratios. Ratios only: the machine is shared and noisy.
+ratios. Ratios only: the machine is shared and noisy. The last column is robust to that
+noise: the time spent inside the drill-down's own per-step calls (``root_call``,
+``forward_call``, the backward wrapper's probe), as a fraction of the sync step, measured on
+extra steps of the sync variant.
 
     python bench/drilldown_overhead.py --models mlp,transformer --rounds 7 --threads 1
 """
@@ -21,6 +24,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 
 import torch
 
@@ -74,7 +78,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dev = torch.device("cpu")
     print(f"torch {torch.__version__}, cpu, {args.threads} thread(s), {args.rounds} rounds")
-    print(f"{'model':<12} {'sync/none':>10} {'plain/none':>11} {'sync/plain':>11}")
+    print(f"{'model':<12} {'sync/none':>10} {'plain/none':>11} {'sync/plain':>11} "
+          f"{'drill work':>11}")
     for name in args.models.split(","):
         spec = M.build(name, dev, tiny=args.tiny)
         runners = {v: Runner(v, spec) for v in VARIANTS}
@@ -95,12 +100,45 @@ def main() -> None:
                     res.samples.setdefault(v, []).append(T.time_block(r.step, inner[v], dev))
                 finally:
                     r.leave()
+        work = account(runners["sync"], inner["sync"])
         for r in runners.values():
             if r.mon is not None:
                 r.mon._drill = r.drill
                 r.mon.remove()
         print(f"{name:<12} {res.ratio('sync'):>10.3f} {res.ratio('sync-plain'):>11.3f} "
-              f"{res.ratio('sync', 'sync-plain'):>11.3f}")
+              f"{res.ratio('sync', 'sync-plain'):>11.3f} {work:>10.2%}")
+
+
+def account(runner: Runner, steps: int) -> float:
+    """Fraction of a sync step spent in the drill-down's per-step calls."""
+    spent = [0.0]
+    saved = {}
+
+    def timed(fn):
+        def inner(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t
+        return inner
+    for name in ("root_call", "forward_call", "forward_done"):
+        saved[name] = getattr(drilldown.Drilldown, name)
+        setattr(drilldown.Drilldown, name, timed(saved[name]))
+    saved["_probe"] = drilldown._probe
+    drilldown._probe = timed(drilldown._probe)
+    runner.enter()
+    try:
+        t = time.perf_counter()
+        for _ in range(max(steps, 3)):
+            runner.step()
+        total = time.perf_counter() - t
+    finally:
+        runner.leave()
+        drilldown._probe = saved.pop("_probe")
+        for name, fn in saved.items():
+            setattr(drilldown.Drilldown, name, fn)
+    return spent[0] / total
 
 
 if __name__ == "__main__":
