@@ -191,6 +191,8 @@ class Decoder:
             cur.anomaly.consequences.append(anomaly)
             return
         cur.anomaly = anomaly
+        if self._drill is not None:  # the exact op and line (a replay, first anomaly only)
+            self._drill.explain(site, anomaly)
         self._report(anomaly, self._dist is None)  # distributed: raise at the boundary
 
     def _report(self, anomaly: Anomaly, apply_policy: bool) -> None:

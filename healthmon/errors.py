@@ -3,11 +3,66 @@ from __future__ import annotations
 
 import os
 import sys
+import sysconfig
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 PHASES = ("input", "forward", "backward", "grad", "label")
+
+SYNC_HINT = ("exact operation: run with HEALTHMON=sync (or healthmon.watch(model, sync=True)) "
+             "to name the operation and the line that produced it")
+
+
+@dataclass
+class Operation:
+    """The first operation whose output held a NaN or a not-allowed ±Inf (sync mode).
+
+    Attributes:
+        op: ``aten::log`` for a forward op, the autograd node (``SqrtBackward0``) for a
+            backward one.
+        phase: ``"forward"`` or ``"backward"``.
+        summary: what its inputs held that explains it (``"log received 3 zeros"``).
+        frames: stack of the op, outermost first: the call of the replayed module (or of
+            ``backward``) and the frames inside it down to the op; for a backward node, the
+            stack of the forward op that created it.
+        how: how it was found (``"replay of encoder.attn forward"``).
+        certain: False when the line is a best guess (a source match, see
+            :mod:`healthmon.drilldown`).
+    """
+    op: str
+    phase: str
+    summary: str
+    frames: List[traceback.FrameSummary] = field(default_factory=list)
+    how: str = ""
+    certain: bool = True
+
+    def user_frames(self) -> List[traceback.FrameSummary]:
+        """The user's frames (not torch, healthmon, site-packages, stdlib), innermost first."""
+        return [fr for fr in reversed(self.frames) if not _is_library(fr.filename)]
+
+    def library_frames(self) -> List[traceback.FrameSummary]:
+        """Frames of installed libraries and torch, innermost first."""
+        return [fr for fr in reversed(self.frames) if _is_library(fr.filename)
+                and not _is_package(fr.filename)]
+
+    def lines(self) -> List[str]:
+        """Report lines (indented like :meth:`Anomaly.report`)."""
+        kind = "backward node" if self.phase == "backward" else "operation"
+        out = [f"  {kind}: {self.op} produced the first non-finite value: {self.summary}"]
+        user = self.user_frames()
+        if user:
+            where = "created in (your code" if self.phase == "backward" else "at (your code"
+            guess = ", best guess by source match" if not self.certain else ""
+            out.append(f"    {where}{guess}, innermost first):")
+            out.extend(_format_frame(fr, "      ") for fr in user)
+        lib = self.library_frames()
+        if lib:
+            out.append("    inside libraries (innermost first):")
+            out.extend(_format_frame(fr, "      ") for fr in lib)
+        if self.how:
+            out.append(f"    found by: {self.how}")
+        return out
 
 
 @dataclass
@@ -31,6 +86,10 @@ class Anomaly:
         consequences: later anomalies of the same step (NaN spreads; the first is the culprit).
         call: the n-th call of the module in the step (modules called several times).
         module_type: class name of the module (``Linear``), "" when not a module.
+        operation: sync mode: the exact :class:`Operation` that produced the first bad value
+            (None when not searched or not found).
+        drilldown: sync mode: why the operation could not be named ("" when it was, or when
+            no search ran: async mode, whose report then says how to get it).
     """
     site: str
     phase: str
@@ -44,6 +103,8 @@ class Anomaly:
     consequences: List["Anomaly"] = field(default_factory=list)
     call: int = 0
     module_type: str = ""
+    operation: Optional[Operation] = None
+    drilldown: str = ""
 
     @property
     def where(self) -> str:
@@ -64,9 +125,16 @@ class Anomaly:
                 "index": "out-of-range embedding indices"}.get(self.kind, self.kind)
 
     def user_frames(self) -> List[traceback.FrameSummary]:
-        """Frames of the stack outside torch, healthmon and the interpreter's own, innermost
-        first (the demo and healthmon's tests count as user code)."""
+        """Frames of the stack outside torch, healthmon, installed libraries (site-packages)
+        and the standard library, innermost first (the demo and healthmon's tests count as
+        user code)."""
         return [fr for fr in reversed(self.stack) if not _is_library(fr.filename)]
+
+    def library_frames(self) -> List[traceback.FrameSummary]:
+        """Frames of installed libraries (transformers, lightning, torch, ...), innermost
+        first; healthmon's own frames are left out."""
+        return [fr for fr in reversed(self.stack) if _is_library(fr.filename)
+                and not _is_package(fr.filename)]
 
     def report(self) -> str:
         """The complete human report (what, where, last healthy stats, stack)."""
@@ -87,10 +155,20 @@ class Anomaly:
                          f"{self.site}: the backward of the code that used that output outside "
                          f"the watched modules (usually the loss) produced it. The stack is "
                          f"where {self.site} was called; look at what consumes its output.")
+        if self.operation is not None:
+            lines.extend(self.operation.lines())
+        elif self.drilldown:
+            lines.append(f"  exact operation: {self.drilldown}")
+        elif self.phase in ("forward", "backward", "grad"):
+            lines.append(f"  {SYNC_HINT}")
         user = self.user_frames()
         if user:
             lines.append("  produced by (your code, innermost first):")
             lines.extend(_format_frame(fr) for fr in user)
+        lib = self.library_frames()
+        if lib and user:
+            lines.append("  through libraries (innermost first):")
+            lines.extend(_format_frame(fr) for fr in lib)
         if self.stack:
             lines.append("  full stack (most recent call last):")
             lines.extend(_format_frame(fr) for fr in self.stack)
@@ -111,27 +189,58 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _USER_MODULES_IN_PACKAGE = ("demo.py",)
 
 
+_INSTALL_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+
+def _std_dirs() -> tuple:
+    """The interpreter's standard library (and purelib / platlib) directories."""
+    dirs = []
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        try:
+            d = sysconfig.get_paths().get(key)
+        except Exception:  # noqa: BLE001 - broken sysconfig: classify by markers only
+            d = None
+        if d:
+            dirs.append(os.path.abspath(d) + os.sep)
+    return tuple(dirs)
+
+
+_STD_DIRS = _std_dirs()
+
+
 def _library_dirs() -> tuple:
     dirs = [_PACKAGE_DIR]
     torch = sys.modules.get("torch")
     if torch is not None and getattr(torch, "__file__", None):
         dirs.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
-    return tuple(dirs)
+    return tuple(dirs) + _STD_DIRS
+
+
+def _is_package(filename: str) -> bool:
+    """healthmon's own files (never shown as library frames either)."""
+    path = os.path.abspath(filename)
+    return path.startswith(_PACKAGE_DIR) and \
+        os.path.basename(path) not in _USER_MODULES_IN_PACKAGE
 
 
 def _is_library(filename: str) -> bool:
+    """Not the user's code: interpreter internals, healthmon, torch, the standard library
+    and anything installed (site-packages / dist-packages: transformers, lightning,
+    accelerate, ...)."""
     if filename.startswith("<"):  # <frozen runpy>, <string>
         return True
     path = os.path.abspath(filename)
     if path.startswith(_PACKAGE_DIR):
         return os.path.basename(path) not in _USER_MODULES_IN_PACKAGE
+    if any(m in path for m in _INSTALL_MARKERS):
+        return True
     return path.startswith(_library_dirs())
 
 
-def _format_frame(fr: traceback.FrameSummary) -> str:
-    text = f"    File \"{fr.filename}\", line {fr.lineno}, in {fr.name}"
+def _format_frame(fr: traceback.FrameSummary, indent: str = "    ") -> str:
+    text = f"{indent}File \"{fr.filename}\", line {fr.lineno}, in {fr.name}"
     if fr.line:
-        text += f"\n      {fr.line.strip()}"
+        text += f"\n{indent}  {fr.line.strip()}"
     return text
 
 

@@ -171,6 +171,29 @@ class ForwardHook(OwnedHook):
         return None
 
 
+class ReplayableForwardHook(OwnedHook):
+    """Sync mode's forward hook (registered ``with_kwargs``): while the outputs are checked,
+    the call (module, args, kwargs) is at hand for the drill-down's replay, and released
+    when the hook returns (no reference outlives it)."""
+
+    __slots__ = ()
+
+    def __call__(self, module, args, kwargs, output):
+        if module is not self.target():
+            return Inert.__call__(self, module)
+        mon = self.monitor
+        drill = mon._drill
+        if drill is None or torch.compiler.is_compiling():
+            mon._on_forward(self.index, output)
+            return None
+        drill.forward_call(module, args, kwargs, output, self.index == 0)
+        try:
+            mon._on_forward(self.index, output)
+        finally:
+            drill.forward_done()
+        return None
+
+
 class RootPreHook(OwnedHook):
     """Forward pre-hook of the root module: step boundary (eager), records the inputs."""
 
@@ -179,7 +202,7 @@ class RootPreHook(OwnedHook):
     def __call__(self, module, args, kwargs=None):
         if module is not self.target():
             return Inert.__call__(self, module)
-        self.monitor._on_root_forward(args, kwargs)
+        self.monitor._on_root_forward(module, args, kwargs)
         return None
 
 
@@ -212,7 +235,7 @@ def _untraced_frames() -> None:
 
 
 untraced_codes = [ForwardHook.__call__, RootPreHook.__call__, ParamHook.__call__,
-                  Inert.__call__]
+                  ReplayableForwardHook.__call__, Inert.__call__]
 
 
 def skip_when_eager(fn):

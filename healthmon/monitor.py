@@ -54,11 +54,11 @@ import torch
 from torch import nn
 
 from . import distributed as _distributed
-from . import labels, ops
+from . import drilldown, labels, ops
 from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
 from .errors import Anomaly
-from .hooks import (ForwardHook, ParamHook, RootPreHook, flat_tensors, local_tensor,
+from .hooks import (ForwardHook, ParamHook, ReplayableForwardHook, RootPreHook, flat_tensors, local_tensor,
                     record_parts, skip_when_eager, unsupported, walk)
 from .decode import Decoder
 from .records import Recorder, Site, Step, merge_order
@@ -146,6 +146,7 @@ class Monitor(Decoder):
         self._cur = Step(0, True)
         self._external_steps = False  # set_step() called: a trainer numbers the steps
         self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
+        self._drill: Optional[drilldown.Drilldown] = None  # sync mode: exact-op search
         _distributed.agree_settings(config)  # a collective on every rank, also when off
         if config.enabled and config.on_anomaly == "skip" and _distributed.initialized():
             raise ValueError(
@@ -175,6 +176,9 @@ class Monitor(Decoder):
     # ----------------------------------------------------------------- setup / teardown
 
     def _attach(self, roots: Sequence[nn.Module]) -> None:
+        if self.config.sync:
+            self._drill = drilldown.Drilldown(self)
+            drilldown.install(self._drill)
         try:
             self._handles.append(roots[0].register_forward_pre_hook(
                 RootPreHook(self, roots[0], 0), with_kwargs=True))
@@ -244,7 +248,11 @@ class Monitor(Decoder):
             self._fwd_cache.append(None)
         for i in range(first, len(self._modules)):
             mod = self._modules[i]
-            self._handles.append(mod.register_forward_hook(ForwardHook(self, mod, i)))
+            if self._drill is None:
+                self._handles.append(mod.register_forward_hook(ForwardHook(self, mod, i)))
+            else:  # sync mode: the call's arguments are at hand for a replay
+                self._handles.append(mod.register_forward_hook(
+                    ReplayableForwardHook(self, mod, i), with_kwargs=True))
             for pname, p in mod.named_parameters(recurse=False):
                 if id(p) in self._param_ids or not p.requires_grad:
                     continue
@@ -274,6 +282,8 @@ class Monitor(Decoder):
 
     def _detach(self) -> None:
         labels.uninstall_loss_guard(self)
+        if self._drill is not None:
+            drilldown.uninstall(self._drill)
         _optimizer_hooks.discard(self)
         for h in self._handles:
             h.remove()
@@ -356,7 +366,7 @@ class Monitor(Decoder):
         if self.config.sync:
             self._check_now(site, sid)
 
-    def _on_root_forward(self, args, kwargs) -> None:
+    def _on_root_forward(self, module, args, kwargs) -> None:
         if self._removed:
             return
         if _is_compiling():
@@ -381,6 +391,8 @@ class Monitor(Decoder):
         self._forward_thread = threading.get_ident()
         if cur.active:
             sid = self._stacks.capture(2)
+            if self._drill is not None:  # weak references + RNG state, for a replay
+                self._drill.root_call(module, args, kwargs, sid)
             for role, t in walk(args, "input"):
                 self._record(t, -1, "<input>", "input", role, 0, sid)
             if kwargs:
