@@ -165,6 +165,11 @@ class Decoder:
         return text
 
     @property
+    def last_step(self) -> Optional[int]:
+        """Step number of the rows ``records()`` returns (None before the first decode)."""
+        return self._last_step
+
+    @property
     def num_sites(self) -> int:
         return len(self._sites)
 
