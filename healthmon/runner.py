@@ -61,6 +61,8 @@ class AutoWatch:
         self._added = 0
         self._depth = 0
         self._handles: list = []
+        self._suspended = 0  # inside a Lightning / HF trainer call: its callback watches
+        self._trainers = None  # integrations.autopatch.TrainerPatch while started
 
     @property
     def enabled(self) -> bool:
@@ -74,12 +76,20 @@ class AutoWatch:
                 _module.register_module_forward_pre_hook(self._pre_hook),
                 _module.register_module_forward_hook(self._post_hook, always_call=True),
             ]
+            from .integrations.autopatch import TrainerPatch  # imports no trainer library
+            self._trainers = TrainerPatch(self._kwargs, self._suspend, self._resume).start()
         return self
+
+    def _suspend(self) -> None:
+        self._suspended += 1
+
+    def _resume(self) -> None:
+        self._suspended -= 1
 
     def _pre_hook(self, module: nn.Module, args) -> None:
         depth = self._depth
         self._depth = depth + 1
-        if depth or module in _WATCHED or module in self._refused:
+        if depth or self._suspended or module in _WATCHED or module in self._refused:
             return None
         try:
             if torch.compiler.is_compiling() or _in_backward():
@@ -120,6 +130,9 @@ class AutoWatch:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._trainers is not None:
+            self._trainers.stop()
+            self._trainers = None
         for mon in self.monitors:
             mon.remove()
 
