@@ -13,6 +13,10 @@ name (``CrossEntropyLoss``). A module first called *inside* another one, during 
 (checkpoint recomputation) or while ``torch.compile`` traces is never a root. When the
 script calls ``healthmon.watch`` itself, its monitor takes over those modules. The
 ``HEALTHMON*`` environment applies; ``HEALTHMON=off`` installs nothing at all.
+
+Lightning and Hugging Face trainers get the healthmon trainer callback instead (their global
+step is the step) and these hooks stand aside inside their calls: see
+:mod:`healthmon.integrations.autopatch`.
 """
 from __future__ import annotations
 

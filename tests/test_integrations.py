@@ -438,3 +438,32 @@ def test_import_healthmon_imports_no_trainer_library():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_trainer_patch_adds_the_hf_callback_first_and_takes_it_out(tmp_path):
+    model = gpt2()
+    holder = {}
+
+    def poison(module, args, output):
+        if module.training and holder["trainer"].state.global_step == 1:
+            return output * float("nan")
+        return None
+
+    model.transformer.h[0].mlp.register_forward_hook(poison)
+    tr = hf_trainer(model, tmp_path, None, max_steps=3)
+    holder["trainer"] = tr
+    before = list(tr.callback_handler.callbacks)
+    train = transformers.Trainer.__dict__["train"]
+    state = []
+    patch = TrainerPatch({}, lambda: state.append("suspend"), lambda: state.append("resume"))
+    patch.start()
+    try:
+        with pytest.raises(healthmon.HealthError) as info:
+            tr.train()
+    finally:
+        patch.stop()
+    assert (info.value.anomaly.step, info.value.anomaly.site) == (1, "transformer.h.0.mlp")
+    assert state == ["suspend", "resume"]
+    assert tr.callback_handler.callbacks == before  # taken out again
+    assert transformers.Trainer.__dict__["train"] is train
+    assert hooks_left(model) == 1  # only the test's own poison hook

@@ -24,9 +24,9 @@ trainer.train()
   ``report_to`` integrations before the ones passed in ``callbacks=[...]``: use
   :func:`add_to` (it puts this callback first) for the metrics to reach those backends.
 
-transformers has no exception event for callbacks: when something else raises inside
-``train()``, the hooks stay until :meth:`HealthmonCallback.remove`, the next ``train()``,
-or (``add_to`` / ``healthmon run``) the end of ``train()``.
+transformers has no exception event for callbacks: when other code raises inside ``train()``,
+the hooks stay until :meth:`HealthmonCallback.remove` or the next ``train()`` (under
+``healthmon run`` they are removed when ``train()`` exits).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 import lightning as L
 from healthmon.integrations.lightning import HealthmonCallback
 
-trainer = L.Trainer(callbacks=[HealthmonCallback()])   # watch() options: HealthmonCallback(sync=True)
+trainer = L.Trainer(callbacks=[HealthmonCallback()])  # or HealthmonCallback(sync=True, ...)
 trainer.fit(model)
 ```
 
@@ -72,10 +72,6 @@ def _build(pl: ModuleType) -> type:
         @property
         def monitor(self):
             return self.session.monitor
-
-        @property
-        def state_key(self) -> str:
-            return "HealthmonCallback"
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.session.start(pl_module, trainer.global_step)
