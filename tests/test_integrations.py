@@ -11,6 +11,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -240,22 +241,9 @@ def test_health_metrics_bounded_and_summed():
 def test_lightning_ddp_every_rank_stops_at_the_same_step(tmp_path):
     """Lightning's ``ddp`` strategy, 2 CPU processes, gloo; rank 1 injects a NaN at global
     step 3. Hard deadline: the process group is killed and the test fails on a hang."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEALTHMON")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "_integ_models.py"),
-                             str(tmp_path)], env=env, cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("Lightning DDP run still going after 240 s (a hang): killed")
-    results = []
-    for rank in range(2):
-        path = tmp_path / f"rank{rank}.json"
-        assert path.exists(), f"rank {rank} wrote no result; output:\n{out[-3000:]}"
-        results.append(json.loads(path.read_text()))
+    out = run_with_deadline([sys.executable, os.path.join(ROOT, "tests", "_integ_models.py"),
+                             str(tmp_path)], tmp_path, timeout=240)
+    results = rank_results(tmp_path, out)
     for rank, r in enumerate(results):
         assert r["type"] == "DistributedHealthError", (rank, r)
         assert (r["step"], r["site"]) == (3, "net.1")
@@ -263,6 +251,49 @@ def test_lightning_ddp_every_rank_stops_at_the_same_step(tmp_path):
         assert r["message"].startswith("healthmon: rank 1 saw NaN in forward of net.1 "
                                        "(output) at step 3")
         assert r["hooks_left"] == 0
+
+
+def run_with_deadline(cmd, tmp_path, timeout):
+    """Run ``cmd`` in its own process group; kill the group and fail on a hang."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEALTHMON")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{cmd[-2:]} still running after {timeout} s (a hang): killed")
+    return out
+
+
+def rank_results(tmp_path, out, world=2):
+    results = []
+    for rank in range(world):
+        path = tmp_path / f"rank{rank}.json"
+        assert path.exists(), f"rank {rank} wrote no result; output:\n{out[-3000:]}"
+        results.append(json.loads(path.read_text()))
+    return results
+
+
+def test_hf_accelerate_ddp_every_rank_stops_at_the_same_step(tmp_path):
+    """HF Trainer under torch.distributed.run (accelerate DDP, 2 CPU processes, gloo); rank 1
+    injects a NaN at global step 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = run_with_deadline([sys.executable, "-m", "torch.distributed.run",
+                             "--nproc_per_node", "2", "--master_port", str(port),
+                             os.path.join(ROOT, "tests", "_integ_hf_ddp.py"), str(tmp_path)],
+                            tmp_path, timeout=240)
+    for rank, r in enumerate(rank_results(tmp_path, out)):
+        assert r["world"] == 2
+        assert r["type"] == "DistributedHealthError", (rank, r)
+        assert (r["step"], r["site"]) == (2, "transformer.h.1.mlp")
+        assert r["message"].startswith("healthmon: rank 1 saw NaN in forward of "
+                                       "transformer.h.1.mlp (output) at step 2")
+        assert r["global_step"] == 3 and r["hooks_left"] == 0
 
 
 # --------------------------------------------------------------------------- Hugging Face
