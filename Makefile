@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q "pytest>=7" "hypothesis>=6" numpy ninja "matplotlib>=3.5" "tensorboard>=2.10"
-	# Trainer integrations (tests): the installed torch is pinned in the same command, so the
-	# resolver keeps it instead of pulling another (CUDA) build.
+# Trainer integrations (tests): the installed torch is pinned in the same command, so the
+# resolver keeps it instead of pulling another (CUDA) build.
 	$(PY) -m pip install -q "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')" $(TRAINER_DEPS)
-	# The package itself, editable: `$(PY) -m healthmon run train.py` works from any directory.
+# The package itself, editable: `$(PY) -m healthmon run train.py` works from any directory.
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
