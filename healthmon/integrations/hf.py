@@ -30,7 +30,11 @@ the hooks stay until :meth:`HealthmonCallback.remove` or the next ``train()`` (u
 """
 from __future__ import annotations
 
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError:
+    raise ImportError("healthmon.integrations.hf needs transformers: pip install transformers "
+                      "accelerate (with your torch pinned in the same command)") from None
 
 from .session import TrainerSession
 
