@@ -381,10 +381,14 @@ def test_hf_nan_reported_at_global_step_with_site(tmp_path):
 
 
 def test_hf_add_to_puts_the_callback_before_report_to(tmp_path):
-    tr = hf_trainer(gpt2(), tmp_path, None, max_steps=1)
+    tr = hf_trainer(gpt2(), tmp_path, None, max_steps=2, logging_steps=1)
+    reporter = LogCapture()  # stands where the report_to integrations sit: before callbacks=
+    tr.callback_handler.callbacks.insert(0, reporter)
     cb = hm_hf.add_to(tr)
     assert tr.callback_handler.callbacks[0] is cb
-    tr.remove_callback(cb)
+    tr.train()
+    train_logs = [l for _, l in reporter.logs if "loss" in l]
+    assert len(train_logs) == 2 and all("healthmon/grad_norm" in l for l in train_logs)
 
 
 # --------------------------------------------------------------------------- healthmon run
