@@ -7,7 +7,16 @@ and torchao); ``HEALTHMON_CPU_ONLY=1`` skips the CUDA part.
 import glob
 import os
 
+import setuptools
 from setuptools import find_packages, setup
+
+# pyproject's SPDX `license = "BSD-3-Clause"` needs setuptools >= 77; older ones (a fresh
+# Python 3.11 venv has 65) fail with an unreadable schema error. With --no-build-isolation
+# pip does not install [build-system] requires, so say it here.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    raise SystemExit(f"healthmon: building needs setuptools>=77 (found {setuptools.__version__}): "
+                     "pip install -U 'setuptools>=77' wheel, then rerun "
+                     "pip install --no-build-isolation .")
 
 try:
     import torch

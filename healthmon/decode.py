@@ -206,6 +206,8 @@ class Decoder:
             return
         mode = self.config.on_anomaly
         if mode == "raise":
+            if self.remove_on_raise:  # a trainer callback: the error leaves the loop
+                self._release()
             raise HealthError(anomaly)
         if mode == "warn":
             warnings.warn(anomaly.report(), RuntimeWarning, stacklevel=2)
@@ -244,6 +246,11 @@ class Decoder:
             text += "\nskipped (not recorded): " + "; ".join(
                 f"{n} x {reason}" for reason, n in sorted(self.skipped.items()))
         return text
+
+    @property
+    def last_step(self) -> Optional[int]:
+        """Step number of the rows ``records()`` returns (None before the first decode)."""
+        return self._last_step
 
     @property
     def num_sites(self) -> int:

@@ -112,6 +112,9 @@ class Monitor(Decoder):
         self._forward_tick = 0
         self._forward_thread: Optional[int] = None
         self.auto = False  # created by healthmon run / watch_all: yields to explicit watch()
+        # remove every hook when a HealthError is raised (the trainer callbacks: the error
+        # ends training wherever it is raised, e.g. from inside optimizer.step())
+        self.remove_on_raise = False
         self.anomalies: List[Anomaly] = []
         self.dropped_anomalies = 0
         self.skipped: Dict[str, int] = {}
@@ -297,6 +300,17 @@ class Monitor(Decoder):
         for mod in self._modules:
             if _WATCHED.get(mod) is self:
                 del _WATCHED[mod]
+
+    def _release(self) -> None:
+        """Remove the hooks without decoding anything more (the error path)."""
+        if self._removed:
+            return
+        self._removed = True
+        self._detach()
+        self._seen.clear()
+        self._grad_queue.clear()
+        for sink in self.sinks:
+            sink.close()
 
     def remove(self) -> None:
         """Remove every hook; the modules are left exactly as before. Records not yet

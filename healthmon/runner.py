@@ -13,6 +13,10 @@ name (``CrossEntropyLoss``). A module first called *inside* another one, during 
 (checkpoint recomputation) or while ``torch.compile`` traces is never a root. When the
 script calls ``healthmon.watch`` itself, its monitor takes over those modules. The
 ``HEALTHMON*`` environment applies; ``HEALTHMON=off`` installs nothing at all.
+
+Lightning and Hugging Face trainers get the healthmon trainer callback instead (their global
+step is the step) and these hooks stand aside inside their calls: see
+:mod:`healthmon.integrations.autopatch`.
 """
 from __future__ import annotations
 
@@ -62,6 +66,8 @@ class AutoWatch:
         self._added = 0
         self._depth = 0
         self._handles: list = []
+        self._suspended = 0  # inside a Lightning / HF trainer call: its callback watches
+        self._trainers = None  # integrations.autopatch.TrainerPatch while started
 
     @property
     def enabled(self) -> bool:
@@ -75,12 +81,20 @@ class AutoWatch:
                 _module.register_module_forward_pre_hook(self._pre_hook),
                 _module.register_module_forward_hook(self._post_hook, always_call=True),
             ]
+            from .integrations.autopatch import TrainerPatch  # imports no trainer library
+            self._trainers = TrainerPatch(self._kwargs, self._suspend, self._resume).start()
         return self
+
+    def _suspend(self) -> None:
+        self._suspended += 1
+
+    def _resume(self) -> None:
+        self._suspended -= 1
 
     def _pre_hook(self, module: nn.Module, args) -> None:
         depth = self._depth
         self._depth = depth + 1
-        if depth or module in _WATCHED or module in self._refused:
+        if depth or self._suspended or module in _WATCHED or module in self._refused:
             return None
         try:
             if torch.compiler.is_compiling() or _in_backward():
@@ -121,6 +135,9 @@ class AutoWatch:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._trainers is not None:
+            self._trainers.stop()
+            self._trainers = None
         for mon in self.monitors:
             mon.remove()
 
