@@ -398,6 +398,12 @@ class Monitor(Decoder):
                 (cur.train or cur.backward):
             self._end_step()
             cur = self._cur
+        elif not training and cur.forward:
+            # an evaluation batch inside a step (validation loops): the records so far are
+            # decoded as a segment of the same step, so call numbers (and sites) do not
+            # grow with the number of evaluation batches
+            self._end_step(next_index=cur.index)
+            cur = self._cur
         cur.forward = True
         cur.train = cur.train or training
         _FORWARD_TICKS[0] += 1

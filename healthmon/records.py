@@ -98,6 +98,20 @@ class DeviceBuffer:
             self.event = None
 
 
+class _normal_tensors:
+    """No autograd, no inference tensors: the monitor's own tensors stay usable whatever
+    mode the user's code runs in."""
+
+    def __enter__(self):
+        self._modes = (torch.inference_mode(False), torch.no_grad())
+        for m in self._modes:
+            m.__enter__()
+
+    def __exit__(self, *exc):
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+
+
 def _zeros(rows: int, device) -> torch.Tensor:
     # a normal tensor even when the first site appears under inference_mode / no_grad
     with torch.inference_mode(False), torch.no_grad():
@@ -175,8 +189,9 @@ class Recorder:
                 buf.mark_unwritten()
 
     def copy_to_host(self) -> None:
-        for buf in self.buffers.values():
-            buf.copy_to_host()
+        with _normal_tensors():  # a boundary reached inside inference_mode
+            for buf in self.buffers.values():
+                buf.copy_to_host()
 
     def wait(self) -> None:
         for buf in self.buffers.values():
@@ -189,6 +204,10 @@ class Recorder:
     def keep_healthy(self, sites: List[Site], hosts: Dict[DeviceBuffer, torch.Tensor]) -> None:
         """Copy the healthy rows of ``sites`` into the last-healthy table (one indexed copy
         per buffer): the "last healthy record" an anomaly report shows."""
+        with _normal_tensors():
+            self._keep_healthy(sites, hosts)
+
+    def _keep_healthy(self, sites, hosts) -> None:
         by_buf: Dict[DeviceBuffer, List[int]] = {}
         for s in sites:
             by_buf.setdefault(s.buffer, []).append(s.slot)

@@ -268,3 +268,36 @@ def test_skip_raises_after_max_consecutive_skips(monkeypatch):
             step(model, opt, x=bad)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     mon.remove()
+
+
+def test_validation_batches_inside_a_step_add_no_sites():
+    """A validation loop of many batches inside one step (Lightning, HF evaluate) reuses the
+    same sites: call numbers do not grow with the number of evaluation batches."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = healthmon.watch(model)
+    step(model, opt)
+    step(model, opt)
+
+    def validate(batches):
+        model.eval()
+        with torch.no_grad():
+            for _ in range(batches):
+                model(torch.randn(4, 8))
+        model.train()
+
+    validate(3)
+    sites = mon.num_sites
+    index = mon.step_index
+    validate(40)
+    assert mon.num_sites == sites
+    assert mon.step_index == index  # evaluation is never a step
+    with torch.no_grad():
+        x = torch.randn(4, 8)
+        x[0, 0] = float("nan")
+        with pytest.raises(healthmon.HealthError) as info:
+            model(x)  # a NaN in one validation batch is still found
+            model(torch.randn(4, 8))
+            mon.check()
+    assert info.value.anomaly.step == index
+    mon.remove()
