@@ -83,7 +83,39 @@ class AutoWatch:
             ]
             from .integrations.autopatch import TrainerPatch  # imports no trainer library
             self._trainers = TrainerPatch(self._kwargs, self._suspend, self._resume).start()
+            self._patch_compile()
         return self
+
+    def _patch_compile(self) -> None:
+        """``model.compile()`` compiles the module's whole call, global hooks included, so
+        the first call is never seen here: watch the module when ``compile()`` is called
+        (before its compiled code first runs). ``torch.compile(model)`` needs nothing: the
+        wrapper's own call runs eagerly and is watched like any outermost module."""
+        original = nn.Module.compile
+        auto = self
+
+        def compile(module, *args, **kwargs):
+            auto._watch_for_compile(module)
+            return original(module, *args, **kwargs)
+
+        compile.__wrapped__ = original
+        compile.__doc__ = original.__doc__
+        nn.Module.compile = compile
+        self._compile_original = original
+
+    def _watch_for_compile(self, module: nn.Module) -> None:
+        if self._suspended or module in _WATCHED or module in self._refused:
+            return
+        try:
+            if self.monitor is None or not self.monitor.active:
+                self.monitor = watch(module, **self._kwargs)
+                self.monitor.auto = True
+                self.monitors.append(self.monitor)
+            elif self._added < MAX_ROOTS:
+                self.monitor.add(module)
+                self._added += 1
+        except Exception:  # never break the user's script
+            self._refused.add(module)
 
     def _suspend(self) -> None:
         self._suspended += 1
@@ -105,7 +137,7 @@ class AutoWatch:
                 self.monitors.append(self.monitor)
                 # this call's pre-hooks were collected before the monitor existed: record
                 # its inputs and open its step as the root pre-hook would have
-                self.monitor._root_pre_hook(module, args)
+                self.monitor._on_root_forward(module, args, None)
                 return None
             # later roots join at their second outermost call (a loss module built anew
             # each step never joins), up to MAX_ROOTS: the monitor holds what it watches
@@ -138,6 +170,10 @@ class AutoWatch:
         if self._trainers is not None:
             self._trainers.stop()
             self._trainers = None
+        original = getattr(self, "_compile_original", None)
+        if original is not None:
+            nn.Module.compile = original
+            self._compile_original = None
         for mon in self.monitors:
             mon.remove()
 
