@@ -10,6 +10,8 @@
 ``HEALTHMON_ON_ANOMALY`` ``raise`` (default) / ``warn`` / ``log``.
 ``HEALTHMON_LOG``        path of a JSONL log (one line per site per monitored step, plus
                          anomalies); empty or unset: no log.
+``HEALTHMON_WARN``       ``off``/``0``/``false``/``no``: no early warnings (wins over
+                         ``watch(warn=...)``); ``on``/``1``/``true``/``yes`` (default).
 =======================  ==========================================================
 
 Explicit arguments win over the environment, except ``HEALTHMON=off``. Unknown values are a
@@ -36,6 +38,7 @@ class Config:
     every: int = 1
     on_anomaly: str = "raise"
     log: Optional[str] = None
+    warn: bool = True  # HEALTHMON_WARN: early warnings on (healthmon.rules)
 
 
 def _env(environ: Mapping[str, str], name: str) -> Optional[str]:
@@ -94,6 +97,10 @@ def resolve(every=None, sync=None, on_anomaly=None, log=None,
     env_on = _env(env, "HEALTHMON_ON_ANOMALY")
     env_on = parse_on_anomaly(env_on, "HEALTHMON_ON_ANOMALY") if env_on is not None else "raise"
     env_log = _env(env, "HEALTHMON_LOG")
+    env_warn = _env(env, "HEALTHMON_WARN")
+    if env_warn is not None and env_warn.lower() not in _OFF + _ASYNC[:4]:
+        raise ValueError(f"healthmon: HEALTHMON_WARN={env_warn!r} is not valid; accepted "
+                         f"values: {', '.join(_OFF + _ASYNC[:4])}")
 
     if sync is not None and not isinstance(sync, bool):
         raise ValueError(f"healthmon: sync must be True, False or None, got {sync!r}")
@@ -103,4 +110,5 @@ def resolve(every=None, sync=None, on_anomaly=None, log=None,
         raise TypeError(f"healthmon: log must be a path, got {type(log).__name__}")
     cfg_log = os.fspath(log) if log is not None else env_log
     return Config(enabled=enabled, sync=env_sync if sync is None else sync, every=cfg_every,
-                  on_anomaly=cfg_on, log=cfg_log or None)
+                  on_anomaly=cfg_on, log=cfg_log or None,
+                  warn=env_warn is None or env_warn.lower() not in _OFF)

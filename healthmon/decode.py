@@ -12,7 +12,7 @@ import logging
 import warnings
 from typing import List, Optional
 
-from . import labels
+from . import alerts, labels
 from ._layout import LABEL, NUM_LABEL
 from .errors import Anomaly, HealthError
 from .records import Site, Step
@@ -67,6 +67,10 @@ class Decoder:
                 first.consequences.append(anomaly)
         self._last_rows = rows
         self._last_step = step.index
+        if self._rules is not None:  # early warnings, before the policy may raise
+            alerts.issue(self._rules.evaluate(step.index, rows), step.order, step.index,
+                         self._stacks.frames, self.warnings, self.sinks,
+                         self._dist.rank if self._dist is not None else None, self._modules)
         if self.sinks:
             dicts = self._row_dicts(rows)
             for sink in self.sinks:
@@ -159,6 +163,8 @@ class Decoder:
         head = f"healthmon: step {self._last_step}" if self._last_step is not None \
             else "healthmon: no step decoded yet (call mon.check())"
         text = head + "\n" + format_summary(self.records(), width=width, limit=limit)
+        if self.warnings:
+            text += "\n" + alerts.format_warnings(self.warnings)
         if self.skipped:
             text += "\nskipped (not recorded): " + "; ".join(
                 f"{n} x {reason}" for reason, n in sorted(self.skipped.items()))

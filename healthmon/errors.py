@@ -7,7 +7,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-PHASES = ("input", "forward", "backward", "grad", "label")
+PHASES = ("input", "forward", "backward", "grad", "label", "loss", "param")
+# early-warning kinds (healthmon.rules); "nan" / "inf" / "label" are errors
+WARNING_KINDS = ("overflow", "spike", "growth", "dead", "frozen", "vanishing")
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Anomaly:
     consequences: List["Anomaly"] = field(default_factory=list)
     call: int = 0
     module_type: str = ""
+    severity: str = "error"  # "warning" for early signals (healthmon.rules)
+    detail: str = ""  # warnings: what the rule saw, one line (replaces stats.describe())
 
     @property
     def where(self) -> str:
@@ -57,10 +61,11 @@ class Anomaly:
 
     def headline(self) -> str:
         """One line: what went bad and where."""
-        return f"{self.kind_text()} in {self.where}: {self.stats.describe()}"
+        what = self.detail or self.stats.describe()
+        return f"{self.kind_text()} in {self.where}: {what}"
 
     def kind_text(self) -> str:
-        return {"nan": "NaN", "inf": "Inf", "label": "out-of-range labels"}.get(self.kind, self.kind)
+        return _KIND_TEXT.get(self.kind, self.kind)
 
     def user_frames(self) -> List[traceback.FrameSummary]:
         """Frames of the stack outside torch, healthmon and the interpreter's own, innermost
@@ -69,7 +74,8 @@ class Anomaly:
 
     def report(self) -> str:
         """The complete human report (what, where, last healthy stats, stack)."""
-        lines = [f"healthmon: {self.headline()}"]
+        lines = [f"healthmon{' warning' if self.severity == 'warning' else ''}: "
+                 f"{self.headline()}"]
         hint = self.stats.hint() if hasattr(self.stats, "hint") else None
         if hint:
             lines.append(f"  hint: {hint}")
@@ -88,11 +94,16 @@ class Anomaly:
         if user:
             lines.append("  produced by (your code, innermost first):")
             lines.extend(_format_frame(fr) for fr in user)
-        if self.stack:
+        if self.stack and self.severity != "warning":  # a warning: the user's lines suffice
             lines.append("  full stack (most recent call last):")
             lines.extend(_format_frame(fr) for fr in self.stack)
         return "\n".join(lines)
 
+
+_KIND_TEXT = {"nan": "NaN", "inf": "Inf", "label": "out-of-range labels",
+              "overflow": "overflow risk", "spike": "spike", "growth": "exponential growth",
+              "dead": "dead", "frozen": "frozen parameter",
+              "vanishing": "vanishing gradient"}
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _USER_MODULES_IN_PACKAGE = ("demo.py",)
@@ -128,3 +139,21 @@ class HealthError(RuntimeError):
     def __init__(self, anomaly: Anomaly, message: Optional[str] = None):
         self.anomaly = anomaly
         super().__init__(message if message is not None else anomaly.report())
+
+
+class HealthWarning(UserWarning):
+    """An early warning (overflow headroom, spike, growth, dead, frozen, vanishing): training
+    goes on. ``.anomaly`` holds the finding (an :class:`Anomaly` with ``severity ==
+    "warning"``); its fields are also on the warning itself.
+
+    Attributes:
+        kind: one of :data:`WARNING_KINDS`.
+        site, phase, role, step, stats, stack: as on :class:`Anomaly`.
+    """
+
+    def __init__(self, anomaly: Anomaly):
+        self.anomaly = anomaly
+        self.kind, self.site, self.phase = anomaly.kind, anomaly.site, anomaly.phase
+        self.role, self.step, self.stats = anomaly.role, anomaly.step, anomaly.stats
+        self.stack = anomaly.stack
+        super().__init__(anomaly.report())

@@ -54,7 +54,8 @@ import torch
 from torch import nn
 
 from . import distributed as _distributed
-from . import labels, ops
+from . import labels, loss_site, ops
+from . import rules as _rules
 from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
 from .errors import Anomaly
@@ -82,8 +83,12 @@ class Monitor(Decoder):
     """
 
     def __init__(self, roots: Sequence[nn.Module], config: Config,
-                 allow_inf: Sequence[str] = (), sinks: Sequence = (), prefix: str = ""):
+                 allow_inf: Sequence[str] = (), sinks: Sequence = (), prefix: str = "",
+                 warn=None):
         self.config = config
+        self.warnings: List[Anomaly] = []  # early warnings (severity "warning"), oldest first
+        cfg = _rules.resolve_warn(warn, config.warn)
+        self._rules = _rules.Rules(cfg) if cfg is not None else None
         self.prefix = prefix
         self._forward_tick = 0
         self.auto = False  # created by healthmon run / watch_all: yields to explicit watch()
@@ -139,6 +144,7 @@ class Monitor(Decoder):
             self._detach()
             raise
         labels.install_loss_guard(self)
+        loss_site.install(self)
 
     def _add_modules(self, root: nn.Module, prefix: str) -> None:
         """Hook ``root`` and its submodules not hooked yet (site names ``prefix.qualname``)."""
@@ -196,6 +202,7 @@ class Monitor(Decoder):
 
     def _detach(self) -> None:
         labels.uninstall_loss_guard(self)
+        loss_site.uninstall(self)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -246,7 +253,7 @@ class Monitor(Decoder):
     # ----------------------------------------------------------------- recording
 
     def _site(self, module: int, name: str, phase: str, role: str, call: int,
-              device: torch.device) -> Site:
+              device: torch.device, dtype: Optional[torch.dtype] = None) -> Site:
         key = (module, name, phase, role, call, device)
         site = self._sites.get(key)
         if site is None:
@@ -257,7 +264,7 @@ class Monitor(Decoder):
                 fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(f"{name}.{role}", pat)
                 for pat in self._allow_inf)
             site = self._sites[key] = Site(name, phase, role, call, module, device,
-                                            buf.new_slot(), allow)
+                                            buf.new_slot(), allow, dtype)
         return site
 
     def _skip(self, reason: str) -> None:
@@ -274,7 +281,7 @@ class Monitor(Decoder):
     def _record_ok(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
                    call: int, sid: int) -> None:
         t = local_tensor(t)  # a DTensor's local shard (no communication)
-        site = self._site(module, name, phase, role, call, t.device)
+        site = self._site(module, name, phase, role, call, t.device, t.dtype)
         ops.stats_into(t, self._bufs[t.device].records, site.slot)
         self._cur.order.append((site, sid))
         if self.config.sync:
@@ -400,7 +407,7 @@ class Monitor(Decoder):
                 continue
             module, pname = self._param_sites[pindex]
             role = self._grad_roles[pindex] if phase == "grad" else pname
-            site = self._site(module, self._names[module], phase, role, 0, t.device)
+            site = self._site(module, self._names[module], phase, role, 0, t.device, t.dtype)
             xs, slots = groups.setdefault(t.device, ([], []))
             xs.append(t)
             slots.append(site.slot)
@@ -457,6 +464,21 @@ class Monitor(Decoder):
         record, clean = ops.label_sanitize(target, num_classes, ignore_index)
         records[site.slot, :NUM_LABEL].copy_(record)
         return clean
+
+    def _record_loss(self, tensors: Sequence[torch.Tensor], sid: int) -> None:
+        """Record the tensor(s) backward is about to run on (called by
+        :mod:`healthmon.loss_site` before the original backward): site ``<loss>``, phase
+        ``loss``, role ``value`` (``value[i]`` for several), call = n-th backward of the step.
+        Same native op and buffer as every record; sync mode checks it here (a non-finite
+        loss raises at the ``backward()`` line). Keeps no reference to the tensors."""
+        cur = self._cur
+        if self._removed or not cur.active:
+            return
+        call = cur.label_calls.get("<loss>", 0)  # per-step call counter, like the labels'
+        cur.label_calls["<loss>"] = call + 1
+        for i, t in enumerate(tensors):
+            self._record(t.detach(), -1, "<loss>", "loss",
+                         "value" if len(tensors) == 1 else f"value[{i}]", call, sid)
 
     def _record_params(self) -> None:
         """Phase ``param``: every watched parameter as the step ends (after the optimizer's
@@ -556,7 +578,7 @@ class Monitor(Decoder):
 def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = None,
           sync: Optional[bool] = None, on_anomaly: Optional[str] = None, log=None,
           allow_inf: Sequence[str] = (), sinks: Sequence = (),
-          prefix: Optional[str] = None) -> Monitor:
+          prefix: Optional[str] = None, warn=None) -> Monitor:
     """Watch ``model`` (and ``more_modules``, e.g. a loss module) for NaN / Inf.
 
     Args:
@@ -573,6 +595,9 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
             ``close()`` (see :mod:`healthmon.sinks`).
         prefix: prefix of ``model``'s site names (``"generator"`` gives
             ``generator.conv1``), to tell apart models watched by separate monitors.
+        warn: early warnings (:mod:`healthmon.rules`): None/True (default thresholds),
+            False (off), a ``healthmon.WarnConfig`` or a dict of its fields.
+            ``HEALTHMON_WARN=off`` wins.
     Returns:
         the :class:`Monitor` (a context manager). With ``HEALTHMON=off`` it is inert: no
         hooks at all.
@@ -592,5 +617,8 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
     config = resolve(every=every, sync=sync, on_anomaly=on_anomaly, log=log)
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"healthmon: prefix must be a str, got {type(prefix).__name__}")
+    if warn is not None and not isinstance(warn, (bool, dict, _rules.WarnConfig)):
+        raise TypeError(f"healthmon: warn must be True, False, None, a dict or a "
+                        f"healthmon.WarnConfig, got {type(warn).__name__}")
     return Monitor((model,) + more_modules, config, allow_inf=allow_inf, sinks=sinks,
-                   prefix=prefix or "")
+                   prefix=prefix or "", warn=warn)

@@ -19,12 +19,13 @@ class Site:
     """One recording place and its buffer row; ``last_healthy`` is its last good record."""
 
     __slots__ = ("name", "phase", "role", "call", "module", "device", "slot", "allow_inf",
-                 "last_healthy")
+                 "last_healthy", "dtype")
 
-    def __init__(self, name, phase, role, call, module, device, slot, allow_inf):
+    def __init__(self, name, phase, role, call, module, device, slot, allow_inf, dtype=None):
         self.name, self.phase, self.role, self.call = name, phase, role, call
         self.module, self.device, self.slot, self.allow_inf = module, device, slot, allow_inf
         self.last_healthy = None
+        self.dtype = dtype  # of the site's first tensor: overflow headroom (healthmon.rules)
 
 
 class DeviceBuffer:
