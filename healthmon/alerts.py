@@ -38,7 +38,8 @@ def issue(findings: Sequence, order: Sequence[tuple], step: int, frames: Callabl
     if not findings:
         return []
     sids = {site: sid for site, sid in order}
-    out = []
+    out: List[Anomaly] = []
+    by_kind = {}
     for f in findings:
         site = f.site
         module_type = type(modules[site.module]).__name__ \
@@ -47,7 +48,13 @@ def issue(findings: Sequence, order: Sequence[tuple], step: int, frames: Callabl
                     stats=TensorStats.from_record(f.row), stack=frames(sids.get(site)),
                     call=site.call, rank=rank, module_type=module_type,
                     severity="warning", detail=f.detail)
+        first = by_kind.get(f.kind)
+        if first is not None:  # one warning per kind and step: the first site in execution
+            first.consequences.append(a)  # order, the others listed with it
+            continue
+        by_kind[f.kind] = a
         out.append(a)
+    for a in out:
         if len(store) < MAX_WARNINGS:
             store.append(a)
         for sink in sinks:

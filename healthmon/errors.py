@@ -84,7 +84,8 @@ class Anomaly:
         if self.consequences:
             shown = ", ".join(f"{a.site} ({a.phase} {a.role})" for a in self.consequences[:5])
             more = f" and {len(self.consequences) - 5} more" if len(self.consequences) > 5 else ""
-            lines.append(f"  later in the same step (consequences): {shown}{more}")
+            lines.append(f"  also in this step: {shown}{more}" if self.severity == "warning"
+                         else f"  later in the same step (consequences): {shown}{more}")
         if self.phase == "backward" and self.role.startswith("grad_output"):
             lines.append(f"  note: this gradient was already bad when it reached the output of "
                          f"{self.site}: the backward of the code that used that output outside "

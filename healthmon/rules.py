@@ -13,7 +13,9 @@ Signals (each reported once per ``(kind, site)`` episode; an episode ends after
               finite value of its dtype (float16, bfloat16, the float8 types).
 ``spike``     a site's metric (gradient norm, activation abs-max, loss abs-value) more than
               ``spike_factor`` x the median of its last ``window`` records, and more than
-              ``spike_mad`` robust deviations (MAD of log10 values) above it.
+              ``spike_mad`` robust deviations (MAD of log10 values) above it (the loss: also
+              above ``loss_floor`` x its first value; sites under ``spike_floor`` x the
+              largest value of their phase in the step are rounding noise, not judged).
 ``growth``    the same metric up ``growth_factor`` x over the last ``growth_steps`` records,
               rising at (nearly) every one of them: sustained exponential growth.
 ``dead``      a forward output all zeros, or a parameter gradient exactly zero, for
@@ -65,15 +67,17 @@ class WarnConfig:
     headroom: float = 0.25        # fraction of the dtype's largest finite value
     spike_factor: float = 10.0    # x the median of the site's recent records
     spike_mad: float = 8.0        # and this many robust deviations (log10 MAD) above it
+    spike_floor: float = 1e-3     # sites below this x their phase's largest value: noise
+    loss_floor: float = 0.1       # a loss spike is judged against >= this x its first value
     window: int = 50              # records of history per site
     min_history: int = 10         # records before a site's spikes are judged
-    growth_steps: int = 20        # records over which sustained growth is measured
-    growth_factor: float = 100.0  # growth over growth_steps that warns
+    growth_steps: int = 40        # records over which sustained growth is measured
+    growth_factor: float = 10.0   # growth over growth_steps (rising at 80% of them) that warns
     dead_steps: int = 20          # steps of all-zero output / exactly-zero gradient
     frozen_steps: int = 20        # steps of an unchanged parameter with a non-zero gradient
-    vanish_ratio: float = 1e-6    # gradient norm / its own median that counts as collapsed
+    vanish_ratio: float = 1e-2    # gradient norm / its own median that counts as collapsed
     vanish_steps: int = 5         # steps of collapse before a vanishing warning
-    converged_ratio: float = 1e-3  # loss / its first value under which it counts converged
+    converged_ratio: float = 1e-2  # loss / its first value under which it counts converged
     rearm_steps: int = 10         # clear records that end an episode
 
     def __post_init__(self):
@@ -196,14 +200,25 @@ class Rules:
         cfg = self.config
         out: List[Finding] = []
         train = any(site.phase in _TRAIN_PHASES for site, _ in rows)
+        # a step with a non-finite record is reported as an error; its huge-but-finite
+        # neighbours (the gradients of an Inf loss) are consequences, not early warnings
+        bad = any(row[_FINITE] < row[_NUMEL] and not site.allow_inf and site.phase != "label"
+                  for site, row in rows)
         loss_now = None
         for site, row in rows:
             if site.phase == "loss" and row[_FINITE]:
                 loss_now = row[_ABSMAX]
                 if len(self._loss_ref) < cfg.min_history:
                     self._loss_ref.append(loss_now)
-        converged = loss_now is not None and bool(self._loss_ref) and \
-            loss_now < cfg.converged_ratio * max(self._loss_ref)
+        loss_ref = max(self._loss_ref) if self._loss_ref else None
+        converged = loss_now is not None and loss_ref is not None and \
+            loss_now < cfg.converged_ratio * loss_ref
+        top: Dict[str, float] = {}  # largest metric of each phase in this step
+        for site, row in rows:
+            if row[_FINITE] == row[_NUMEL]:
+                m = _metric(site.phase, row)[1]
+                if m > top.get(site.phase, 0.0):
+                    top[site.phase] = m
         for site, row in rows:
             phase = site.phase
             if phase == "input" or phase == "label":
@@ -246,11 +261,17 @@ class Rules:
             if hist is None:
                 hist = self._hist[(site, train)] = deque(maxlen=cfg.window)
             med = _median(hist) if len(hist) >= cfg.min_history else None
-            # spike: far above the site's own recent history
+            # spike: far above the site's own recent history; a near-converged loss is
+            # judged against a floor (its noise is large in ratio), and sites that are
+            # rounding noise next to their phase's largest value are not judged
             cond = False
-            if med is not None:
+            if med is not None and (phase == "loss" or m >= cfg.spike_floor * top[phase]):
+                base = med
+                if phase == "loss" and loss_ref:
+                    base = max(med, math.log10(cfg.loss_floor * loss_ref))
                 mad = _median([abs(v - med) for v in hist])
-                cond = lm - med > max(math.log10(cfg.spike_factor), cfg.spike_mad * 1.4826 * mad)
+                cond = lm - base > math.log10(cfg.spike_factor) and \
+                    lm - med > cfg.spike_mad * 1.4826 * mad
             if self._fire("spike", site, cond):
                 out.append(Finding(site, row, "spike", (
                     f"{name} {m:.4g} is {10 ** (lm - med):.3g}x the median ({10 ** med:.4g}) "
@@ -261,7 +282,8 @@ class Rules:
                 seq = list(hist)[-cfg.growth_steps:] + [lm]
                 rises = sum(b > a for a, b in zip(seq, seq[1:]))
                 cond = lm - seq[0] > math.log10(cfg.growth_factor) and \
-                    rises >= 0.8 * cfg.growth_steps
+                    rises >= 0.8 * cfg.growth_steps and (
+                        phase == "loss" or m >= cfg.spike_floor * top[phase])
             if self._fire("growth", site, cond):
                 ratio = 10 ** (lm - seq[0])
                 out.append(Finding(site, row, "growth", (
@@ -282,7 +304,7 @@ class Rules:
                         f"gradient norm {m:.3g} collapsed to {ref} for {n} steps while the "
                         f"loss{loss} has not converged")))
             hist.append(lm)
-        return out
+        return [] if bad else out
 
     def _frozen(self, site, row: list, out: List[Finding]) -> None:
         key = (site.module, site.name, site.role)
