@@ -84,7 +84,8 @@ def measure(steps, dtypes):
                 if zero_streak[key] > out["dead"][0]:
                     out["dead"] = (zero_streak[key], (step, *key[:3]))
             if ph == "grad":
-                grad_live[(r["site"], r["role"])] = r["zeros"] < r["numel"]
+                grad_live[(r["site"], r["role"])] = r["zeros"] < r["numel"] and \
+                    r["norm"] >= 1e-3 * top["grad"]
             m = r["norm"] if ph in ("grad", "backward") else r["absmax"]
             if not m > 0:
                 continue

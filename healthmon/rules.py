@@ -20,8 +20,9 @@ Signals (each reported once per ``(kind, site)`` episode; an episode ends after
               rising at (nearly) every one of them: sustained exponential growth.
 ``dead``      a forward output all zeros, or a parameter gradient exactly zero, for
               ``dead_steps`` training steps in a row.
-``frozen``    a parameter whose gradient is non-zero but whose record (phase ``param``) is
-              bit-for-bit unchanged for ``frozen_steps`` training steps in a row.
+``frozen``    a parameter whose gradient is non-zero (and not rounding noise: at least
+              ``spike_floor`` x the step's largest gradient norm) but whose record (phase
+              ``param``) is bit-for-bit unchanged for ``frozen_steps`` training steps in a row.
 ``vanishing`` a parameter gradient's norm below ``vanish_ratio`` x its own median (or all
               its values denormal) for ``vanish_steps`` steps while the loss is above
               ``converged_ratio`` x its first value (not converged).
@@ -250,10 +251,12 @@ class Rules:
                     out.append(Finding(site, row, "dead", (
                         f"{what} ({int(numel)} elements) for {n} training steps in a row: "
                         f"a dead layer ({why})")))
-            if phase == "grad":
-                key = (site.module, site.name, site.role)
-                self._grad_live[key] = row[_ZEROS] < numel
             name, m = _metric(phase, row)
+            if phase == "grad":
+                # a gradient at rounding-noise level (a conv bias before BatchNorm) moves
+                # nothing under SGD: not evidence of a parameter left out of the optimizer
+                key = (site.module, site.name, site.role)
+                self._grad_live[key] = row[_ZEROS] < numel and m >= cfg.spike_floor * top[phase]
             if not m > 0:
                 continue
             lm = math.log10(m)
