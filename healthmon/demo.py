@@ -214,13 +214,13 @@ def _early(run: RunResult) -> str:
     if not run.warnings:
         return "   (no early warning: this is a bug in healthmon)"
     first = run.warnings[0]
-    lines = [f"   step {w.step}: {w.headline()}" for w in run.warnings[:4]]
+    lines = [f"   {w.headline()}" for w in run.warnings[:4]]
     if len(run.warnings) > 4:
         lines.append(f"   ... {len(run.warnings) - 4} more warnings (mon.warnings)")
     if run.error is not None:
         bad = run.error.anomaly
-        lines.append(f"   first non-finite value: step {bad.step} ({bad.headline()[:90]}...),"
-                     f" {bad.step - first.step} steps after the first warning")
+        lines.append(f"   first non-finite value ({bad.kind_text()} in {bad.where}): "
+                     f"{bad.step - first.step} steps after the first warning")
     lines.append("   the first warning in full:")
     lines += ["   " + line for line in first.report().splitlines()]
     return "\n".join(lines)
