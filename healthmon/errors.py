@@ -91,6 +91,11 @@ class Anomaly:
                          f"{self.site}: the backward of the code that used that output outside "
                          f"the watched modules (usually the loss) produced it. The stack is "
                          f"where {self.site} was called; look at what consumes its output.")
+        if self.phase == "loss" and self.severity != "warning":
+            lines.append("  note: this is the tensor backward() was called on (the loss), "
+                         "recorded before backward ran; the model's records of this step "
+                         "before it were finite. Look at the loss computation (targets, "
+                         "scaling, reduction); the line below is the backward call.")
         user = self.user_frames()
         if user:
             lines.append("  produced by (your code, innermost first):")
