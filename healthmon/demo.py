@@ -7,7 +7,7 @@ then the same training with two real-world bugs injected, each caught with its r
    ``cross_entropy`` would die with a device-side assert on a GPU);
 2. a masked division (``y = x / div; loss = y[mask].sum()`` with zeros in ``div`` under the
    mask): the loss is finite but the gradient is NaN;
-3. a learning-rate schedule that grows instead of decaying (``ExponentialLR(gamma=1.1)``):
+3. a learning-rate schedule that grows instead of decaying (``ExponentialLR(gamma=1.08)``):
    early warnings (:class:`~healthmon.HealthWarning`) come steps before the first Inf.
 """
 from __future__ import annotations
@@ -192,9 +192,9 @@ def main(steps: int = 300, out_dir: str = "healthmon-demo", progress: bool = Tru
     print(_indent(nan.error) + "\n")
 
     print("4) a learning-rate schedule that grows instead of decaying (ExponentialLR,\n"
-          "   gamma=1.1): healthmon warns (HealthWarning) before the first non-finite value")
+          "   gamma=1.08): healthmon warns (HealthWarning) before the first non-finite value")
     grow = train(healthy_loss, DIVERGE_STEPS, progress=progress, label="growing lr",
-                 lr_growth=1.1)
+                 lr_growth=1.08)
     print(_early(grow) + "\n")
 
     print(f"records of the healthy run: {log_path}")
@@ -207,7 +207,7 @@ def main(steps: int = 300, out_dir: str = "healthmon-demo", progress: bool = Tru
     return 0 if ok.error is None and not ok.warnings and caught and warned else 1
 
 
-DIVERGE_STEPS = 120  # the growing learning rate overflows at step 47 (seed 0)
+DIVERGE_STEPS = 120  # the growing learning rate overflows at step 44 (seed 0)
 
 
 def _early(run: RunResult) -> str:

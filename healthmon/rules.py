@@ -17,7 +17,8 @@ Signals (each reported once per ``(kind, site)`` episode; an episode ends after
               above ``loss_floor`` x its first value; sites under ``spike_floor`` x the
               largest value of their phase in the step are rounding noise, not judged).
 ``growth``    the same metric up ``growth_factor`` x over the last ``growth_steps`` records,
-              rising at (nearly) every one of them: sustained exponential growth.
+              rising at 80% of them, while the loss is higher than ``growth_steps`` records
+              ago (or not recorded): sustained exponential growth, not fitting.
 ``dead``      a forward output all zeros, or a parameter gradient exactly zero, for
               ``dead_steps`` training steps in a row.
 ``frozen``    a parameter whose gradient is non-zero (and not rounding noise: at least
@@ -160,6 +161,7 @@ class Rules:
         self._prev_param: Dict[tuple, list] = {}  # (module, name, role) -> last param row
         self._grad_live: Dict[tuple, bool] = {}  # (module, name, role) -> grad non-zero now
         self._loss_ref: List[float] = []         # first loss values (convergence reference)
+        self._loss_hist: deque = deque(maxlen=config.window)  # log10 |loss|, one per step
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -208,9 +210,20 @@ class Rules:
         loss_now = None
         for site, row in rows:
             if site.phase == "loss" and row[_FINITE]:
+                first_loss = loss_now is None
                 loss_now = row[_ABSMAX]
                 if len(self._loss_ref) < cfg.min_history:
                     self._loss_ref.append(loss_now)
+                if first_loss and loss_now > 0:
+                    self._loss_hist.append(math.log10(loss_now))
+        # growth counts as divergence only while the loss rises too (2x over the same
+        # records): outputs growing from a tiny init toward the targets' scale are
+        # fitting, with a flat or falling loss
+        lh, g = self._loss_hist, cfg.growth_steps
+        loss_rising = True  # no loss recorded: no evidence either way
+        if len(lh) > g:
+            seq = list(lh)
+            loss_rising = _median(seq[-3:]) - _median(seq[-g - 2:-g + 1]) > math.log10(2.0)
         loss_ref = max(self._loss_ref) if self._loss_ref else None
         converged = loss_now is not None and loss_ref is not None and \
             loss_now < cfg.converged_ratio * loss_ref
@@ -284,7 +297,7 @@ class Rules:
             if len(hist) >= cfg.growth_steps:
                 seq = list(hist)[-cfg.growth_steps:] + [lm]
                 rises = sum(b > a for a, b in zip(seq, seq[1:]))
-                cond = lm - seq[0] > math.log10(cfg.growth_factor) and \
+                cond = loss_rising and lm - seq[0] > math.log10(cfg.growth_factor) and \
                     rises >= 0.8 * cfg.growth_steps and (
                         phase == "loss" or m >= cfg.spike_floor * top[phase])
             if self._fire("growth", site, cond):

@@ -386,3 +386,25 @@ def run_loss_spike(steps=200, at=120, watch_kwargs=None, sink=None) -> Run:
         x, y = base(step)
         return (x * 300, y) if step == at else (x, y)
     return _train(model, opt, batches, F.mse_loss, steps, watch_kwargs=watch_kwargs, sink=sink)
+
+
+def run_target_scale(steps=200, watch_kwargs=None, sink=None) -> Run:
+    """Healthy: a small-init MLP fitting targets of scale ~30 with Adam; its output abs-max
+    grows ~100x during the first steps (fitting, not diverging: the loss falls)."""
+    torch.manual_seed(12)
+    model = _mlp()
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(0.1)
+                m.bias.zero_()
+    base = _regression_batches(seed=13)
+
+    def batches(step):
+        x, y = base(step)
+        return x, 30 * y
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return _train(model, opt, batches, F.mse_loss, steps, watch_kwargs=watch_kwargs, sink=sink)
+
+
+HEALTHY["target_scale"] = run_target_scale
