@@ -5,7 +5,8 @@ keeps every step's rows, and measures, independently of healthmon.rules, the qua
 rule thresholds: the largest spike ratio (value / median of the site's last 50 records,
 after 10), its robust z (log10 distance / (1.4826 MAD)) combined as "joint" = the largest
 min(ratio / 10, z / 8) (> 1: the default spike rule fires), the largest 40-record growth
-with at least 32 rises, the longest all-zero streak, the longest "unchanged parameter with a
+with at least 32 rises (and "+loss up": the same while the loss is 2x above its value 40
+records earlier, as the rule requires), the longest all-zero streak, the longest "unchanged parameter with a
 non-zero gradient" streak, the smallest gradient-norm / median ratio over 5 records, and
 the largest abs-max / dtype max of low-precision sites. Healthy runs give the floor a
 threshold must stay above; degrading runs what it must stay below. Also: when each
@@ -49,7 +50,9 @@ def measure(steps, dtypes):
     hist = defaultdict(lambda: deque(maxlen=50))
     zero_streak, frozen_streak, vanish = defaultdict(int), defaultdict(int), defaultdict(list)
     prev_param, grad_live = {}, {}
-    out = dict(spike=(0.0, None), z=0.0, growth=(1.0, None), dead=(0, None),
+    loss_hist = []  # log10 |loss|, first loss record of each step
+    out = dict(spike=(0.0, None), z=0.0, growth=(1.0, None), growth_rl=(1.0, None),
+               dead=(0, None),
                frozen=(0, None), vanish=(1.0, None), headroom=(0.0, None))
     loss_ref = []
     for step, rows in steps:
@@ -61,6 +64,11 @@ def measure(steps, dtypes):
                     "grad", "backward") else r["absmax"])
             if r["phase"] == "loss" and len(loss_ref) < 10:
                 loss_ref.append(r["absmax"])
+        losses = [r["absmax"] for r in rows if r["phase"] == "loss" and r["absmax"] > 0]
+        if losses:
+            loss_hist.append(math.log10(losses[0]))
+        rising = len(loss_hist) <= 40 or statistics.median(loss_hist[-3:]) - \
+            statistics.median(loss_hist[-42:-39]) > math.log10(2.0)
         for r in rows:
             key = (r["site"], r["phase"], r["role"], r["call"])
             ph = r["phase"]
@@ -116,6 +124,8 @@ def measure(steps, dtypes):
                 g = 10 ** (lm - seq[0])
                 if rises >= 32 and g > out["growth"][0]:
                     out["growth"] = (g, (step, *key[:3]))
+                if rises >= 32 and rising and g > out["growth_rl"][0]:
+                    out["growth_rl"] = (g, (step, *key[:3]))
             h.append(lm)
     return out
 
@@ -139,7 +149,8 @@ def main():
         (n, getattr(W, "run_" + n), False) for n in (
             "diverging_lr", "fp16_creep", "dead_relu", "head_replaced", "mse_overflow",
             "vanishing", "loss_spike")]
-    print(f"{'run':<15} {'steps':>5} {'spike x':>9} {'joint':>6} {'growth x':>9} {'dead':>5} "
+    print(f"{'run':<15} {'steps':>5} {'spike x':>9} {'joint':>6} {'growth x':>9} "
+          f"{'+loss up':>9} {'dead':>5} "
           f"{'frozen':>6} {'vanish':>8} {'headroom':>8} | first warning (kind) / first non-finite")
     for name, fn, healthy in runs:
         keep = Keep()
@@ -149,7 +160,8 @@ def main():
         first = min(run.warnings, key=lambda w: w.step) if run.warnings else None
         fw = f"{first.step} ({first.kind})" if first else "-"
         print(f"{name:<15} {run.steps:>5} {m['spike'][0]:>9.3g} {m['z']:>6.2f} "
-              f"{m['growth'][0]:>9.3g} {m['dead'][0]:>5} {m['frozen'][0]:>6} "
+              f"{m['growth'][0]:>9.3g} {m['growth_rl'][0]:>9.3g} {m['dead'][0]:>5} "
+              f"{m['frozen'][0]:>6} "
               f"{m['vanish'][0]:>8.2g} {m['headroom'][0]:>8.2g} | {fw} / "
               f"{run.first_bad_step if run.first_bad_step is not None else '-'}"
               f"  [{time.perf_counter() - t:.1f} s]")

@@ -163,3 +163,6 @@ class HealthWarning(UserWarning):
         self.role, self.step, self.stats = anomaly.role, anomaly.step, anomaly.stats
         self.stack = anomaly.stack
         super().__init__(anomaly.report())
+
+    def __reduce__(self):  # pickles (e.g. across processes) with its finding, not the text
+        return (type(self), (self.anomaly,))

@@ -285,16 +285,17 @@ class Rules:
                 base = med
                 if phase == "loss" and loss_ref:
                     base = max(med, math.log10(cfg.loss_floor * loss_ref))
-                mad = _median([abs(v - med) for v in hist])
-                cond = lm - base > math.log10(cfg.spike_factor) and \
-                    lm - med > cfg.spike_mad * 1.4826 * mad
+                if lm - base > math.log10(cfg.spike_factor):  # the MAD only when needed
+                    mad = _median([abs(v - med) for v in hist])
+                    cond = lm - med > cfg.spike_mad * 1.4826 * mad
             if self._fire("spike", site, cond):
                 out.append(Finding(site, row, "spike", (
                     f"{name} {m:.4g} is {10 ** (lm - med):.3g}x the median ({10 ** med:.4g}) "
                     f"of its last {len(hist)} records")))
             # sustained exponential growth
             cond = False
-            if len(hist) >= cfg.growth_steps:
+            if loss_rising and len(hist) >= cfg.growth_steps and \
+                    lm - hist[-cfg.growth_steps] > math.log10(cfg.growth_factor):
                 seq = list(hist)[-cfg.growth_steps:] + [lm]
                 rises = sum(b > a for a, b in zip(seq, seq[1:]))
                 cond = loss_rising and lm - seq[0] > math.log10(cfg.growth_factor) and \

@@ -312,3 +312,12 @@ def test_spike_episode_rearms_after_clear_records():
                                                          (site, _row(v))])])
     fired = [i for i, k in enumerate(kinds) if "spike" in k]
     assert fired == [20, 24]  # 24: re-armed after 3 clear records; 26: same episode
+
+
+def test_health_warning_pickles_with_its_finding():
+    import pickle
+    run = W.run_head_replaced(steps=25)
+    w = pickle.loads(pickle.dumps(run.caught[0]))
+    assert isinstance(w, healthmon.HealthWarning)
+    assert (w.kind, w.site, w.step) == ("frozen", "head", run.caught[0].step)
+    assert str(w) == str(run.caught[0])
