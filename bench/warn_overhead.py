@@ -3,7 +3,8 @@
 Interleaved repetitions in one run (the ratio is the figure; absolute CPU times are noisy),
 on the tiny models of tests/_warn_models.py (these are the worst case: the rules cost is
 per record, in Python, so small models with many sites pay the most relative to compute).
-Also the time of ``Rules.evaluate`` itself per step and per row.
+Also the time of ``Rules.evaluate`` itself: its share of a run's wall time (the steadier
+figure on a shared machine), per step and per row.
 
     PYTHONPATH=.:tests .venv/bin/python bench/warn_overhead.py
 """
@@ -38,7 +39,8 @@ def main(reps: int = 5, steps: int = 60):
         out = original(self, step, rows)
         calls.append((time.perf_counter() - t, len(rows)))
         return out
-    print(f"{'model':<15} {'warn on / off':>14} {'rules ms/step':>14} {'us/row':>7}")
+    print(f"{'model':<15} {'warn on / off':>14} {'rules share':>12} {'rules ms/step':>14} "
+          f"{'us/row':>7}")
     for name in ("transformer_lm", "cnn_bn", "bf16_relu"):
         fn = W.HEALTHY[name]
         timed(fn, True, 5)  # warm-up
@@ -48,12 +50,15 @@ def main(reps: int = 5, steps: int = 60):
             on.append(timed(fn, True, steps))
         calls.clear()
         R.Rules.evaluate = evaluate
+        t = time.perf_counter()
         fn(steps=steps)
+        total = time.perf_counter() - t
         R.Rules.evaluate = original
         per_step = statistics.median(c[0] for c in calls) * 1e3
         per_row = sum(c[0] for c in calls) / max(1, sum(c[1] for c in calls)) * 1e6
+        share = sum(c[0] for c in calls) / total
         print(f"{name:<15} {statistics.median(on) / statistics.median(off):>13.3f}x "
-              f"{per_step:>14.3f} {per_row:>7.2f}")
+              f"{share:>11.1%} {per_step:>14.3f} {per_row:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -321,3 +321,18 @@ def test_health_warning_pickles_with_its_finding():
     assert isinstance(w, healthmon.HealthWarning)
     assert (w.kind, w.site, w.step) == ("frozen", "head", run.caught[0].step)
     assert str(w) == str(run.caught[0])
+
+
+@pytest.mark.parametrize("loss_growth", [1.0, 1.05])
+def test_growth_needs_a_rising_loss(loss_growth):
+    # 1.1x per record: no spike (robust deviation too small), but 45x over 40 records
+    rules, site, loss = Rules(WarnConfig()), _site("grad"), _site("loss", name="<loss>")
+    kinds = []
+    for i in range(60):
+        found = rules.evaluate(i, [(loss, _row(loss_growth ** i)), (site, _row(1.1 ** i))])
+        kinds += [(i, f.kind, f.site.name) for f in found]
+    growth = [k for k in kinds if k[1] == "growth" and k[2] == "s"]
+    if loss_growth == 1.0:  # flat loss: fitting, not diverging
+        assert growth == []
+    else:
+        assert [k[0] for k in growth] == [40]  # once, as soon as 40 records span > 10x
