@@ -336,3 +336,15 @@ def test_growth_needs_a_rising_loss(loss_growth):
         assert growth == []
     else:
         assert [k[0] for k in growth] == [40]  # once, as soon as 40 records span > 10x
+
+
+def test_report_shows_warnings(tmp_path):
+    pytest.importorskip("matplotlib")
+    from healthmon.report import render_report
+    log = tmp_path / "run.jsonl"
+    W.run_dead_relu(steps=90, watch_kwargs={"log": str(log)})
+    page = (tmp_path / "out" / "index.html")
+    render_report(str(log), str(tmp_path / "out"))
+    text = page.read_text()
+    assert "early warnings</h2>" in text and "dead in 1 [ReLU]" in text
+    assert (tmp_path / "out" / "heatmap_act.png").stat().st_size > 0
