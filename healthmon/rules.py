@@ -269,7 +269,7 @@ class Rules:
                 # a gradient at rounding-noise level (a conv bias before BatchNorm) moves
                 # nothing under SGD: not evidence of a parameter left out of the optimizer
                 key = (site.module, site.name, site.role)
-                self._grad_live[key] = row[_ZEROS] < numel and m >= cfg.spike_floor * top[phase]
+                self._grad_live[key] = row[_ZEROS] < numel and m >= cfg.spike_floor * top.get(phase, 0.0)
             if not m > 0:
                 continue
             lm = math.log10(m)
@@ -281,7 +281,7 @@ class Rules:
             # judged against a floor (its noise is large in ratio), and sites that are
             # rounding noise next to their phase's largest value are not judged
             cond = False
-            if med is not None and (phase == "loss" or m >= cfg.spike_floor * top[phase]):
+            if med is not None and (phase == "loss" or m >= cfg.spike_floor * top.get(phase, 0.0)):
                 base = med
                 if phase == "loss" and loss_ref:
                     base = max(med, math.log10(cfg.loss_floor * loss_ref))
@@ -300,7 +300,7 @@ class Rules:
                 rises = sum(b > a for a, b in zip(seq, seq[1:]))
                 cond = loss_rising and lm - seq[0] > math.log10(cfg.growth_factor) and \
                     rises >= 0.8 * cfg.growth_steps and (
-                        phase == "loss" or m >= cfg.spike_floor * top[phase])
+                        phase == "loss" or m >= cfg.spike_floor * top.get(phase, 0.0))
             if self._fire("growth", site, cond):
                 ratio = 10 ** (lm - seq[0])
                 out.append(Finding(site, row, "growth", (

@@ -348,3 +348,12 @@ def test_report_shows_warnings(tmp_path):
     text = page.read_text()
     assert "early warnings</h2>" in text and "dead in 1 [ReLU]" in text
     assert (tmp_path / "out" / "heatmap_act.png").stat().st_size > 0
+
+
+def test_all_zero_gradients_are_dead_not_a_crash():
+    cfg = WarnConfig(dead_steps=3)
+    rules, grad, loss = Rules(cfg), _site("grad"), _site("loss", name="<loss>")
+    found = []
+    for i in range(4):  # every gradient of the step exactly zero: no phase maximum
+        found += rules.evaluate(i, [(loss, _row(1.0)), (grad, _row(0.0, zeros=4))])
+    assert [(f.kind, f.site.name) for f in found] == [("dead", "s")]
