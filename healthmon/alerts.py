@@ -61,8 +61,10 @@ def issue(findings: Sequence, order: Sequence[tuple], step: int, frames: Callabl
             write = getattr(sink, "write_warning", None)
             if write is not None:
                 write(a)
-        # stacklevel=1: the warning is about the site's code (in the message), not the
-        # line that happened to end the step
+    # last, once everything is recorded: a user's "error" warnings filter may raise here.
+    # stacklevel=1: the warning is about the site's code (in the message), not the line
+    # that happened to end the step
+    for a in out:
         warnings.warn(HealthWarning(a), stacklevel=1)
     return out
 

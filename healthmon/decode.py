@@ -67,14 +67,14 @@ class Decoder:
                 first.consequences.append(anomaly)
         self._last_rows = rows
         self._last_step = step.index
-        if self._rules is not None:  # early warnings, before the policy may raise
-            alerts.issue(self._rules.evaluate(step.index, rows), step.order, step.index,
-                         self._stacks.frames, self.warnings, self.sinks,
-                         self._dist.rank if self._dist is not None else None, self._modules)
         if self.sinks:
             dicts = self._row_dicts(rows)
             for sink in self.sinks:
                 sink.write_step(step.index, dicts)
+        if self._rules is not None:  # early warnings (none in a step with an anomaly)
+            alerts.issue(self._rules.evaluate(step.index, rows), step.order, step.index,
+                         self._stacks.frames, self.warnings, self.sinks,
+                         self._dist.rank if self._dist is not None else None, self._modules)
         if self._dist is not None and apply_policy:  # every rank takes the same branch
             self._dist.settle(step.index, first, reported=self.config.sync)
         elif first is not None and not self.config.sync:

@@ -86,7 +86,8 @@ class Anomaly:
             more = f" and {len(self.consequences) - 5} more" if len(self.consequences) > 5 else ""
             lines.append(f"  also in this step: {shown}{more}" if self.severity == "warning"
                          else f"  later in the same step (consequences): {shown}{more}")
-        if self.phase == "backward" and self.role.startswith("grad_output"):
+        if self.phase == "backward" and self.role.startswith("grad_output") and \
+                self.severity != "warning":  # about a bad gradient's origin: errors only
             lines.append(f"  note: this gradient was already bad when it reached the output of "
                          f"{self.site}: the backward of the code that used that output outside "
                          f"the watched modules (usually the loss) produced it. The stack is "
