@@ -414,7 +414,8 @@ class TensorBoardSink(Sink):
     """Scalars per site into TensorBoard.
 
     Tags: ``healthmon/grad_norm/<site>`` (phases ``grad`` and ``backward``),
-    ``healthmon/act_absmax/<site>`` (``forward`` and ``input``), ``healthmon/nonfinite/total``
+    ``healthmon/act_absmax/<site>`` (``forward`` and ``input``), ``healthmon/loss/value``
+    (the scalar backward ran on; ``value_<n>`` for the n-th backward of a step), ``healthmon/nonfinite/total``
     every logged step and ``healthmon/nonfinite/<phase>/<site>`` when non-zero; anomalies as
     text under ``healthmon/anomaly``. Parameter gradients are named ``<site>.<param>``.
 
@@ -448,6 +449,9 @@ class TensorBoardSink(Sink):
                 add(f"healthmon/grad_norm/{name}", row["norm"], step)
             elif phase in ("forward", "input"):
                 add(f"healthmon/act_absmax/{name}", row["absmax"], step)
+            elif phase == "loss" and row.get("numel") == 1:  # the loss site (a scalar)
+                call = f"_{row['call']}" if row.get("call") else ""  # n-th backward of the step
+                add(f"healthmon/loss/{_tag(row.get('role', 'value'))}{call}", row["max"], step)
             bad = int(row.get("nan", 0)) + int(row.get("posinf", 0)) + int(row.get("neginf", 0))
             if bad:
                 add(f"healthmon/nonfinite/{row.get('phase')}/{name}", bad, step)

@@ -227,6 +227,7 @@ def test_warnings_in_jsonl_summary_and_tensorboard(tmp_path):
     assert any(x.get("phase") == "loss" for x in lines if x["type"] == "record")
     assert ("healthmon/warning", 2) in writer.text
     assert ("healthmon/warning/dead/1", 2) in writer.scalars
+    assert ("healthmon/loss/value", 4) in writer.scalars  # the loss site, every step
 
 
 # ----------------------------------------------------------------------------- loss site
