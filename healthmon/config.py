@@ -15,6 +15,8 @@
                          anomalies); empty or unset: no log. A directory is a ValueError.
 ``HEALTHMON_ALLOW_INF``  comma-separated fnmatch patterns of sites (or ``site.role``) whose
                          forward outputs / inputs may hold ±Inf; added to ``allow_inf=``.
+``HEALTHMON_WARN``       ``off``/``0``/``false``/``no``: no early warnings (wins over
+                         ``watch(warn=...)``); ``on``/``1``/``true``/``yes`` (default).
 =======================  ==========================================================
 
 Explicit arguments win over the environment, except ``HEALTHMON=off``. Unknown values are a
@@ -43,6 +45,7 @@ class Config:
     log: Optional[str] = None
     max_skips: int = 3
     allow_inf: Tuple[str, ...] = ()
+    warn: bool = True  # HEALTHMON_WARN: early warnings on (healthmon.rules)
 
 
 def _env(environ: Mapping[str, str], name: str) -> Optional[str]:
@@ -120,6 +123,10 @@ def resolve(every=None, sync=None, on_anomaly=None, log=None, allow_inf=None,
     env_log = _env(env, "HEALTHMON_LOG")
     env_skips = _env(env, "HEALTHMON_MAX_SKIPS")
     max_skips = parse_every(env_skips, "HEALTHMON_MAX_SKIPS") if env_skips is not None else 3
+    env_warn = _env(env, "HEALTHMON_WARN")
+    if env_warn is not None and env_warn.lower() not in _OFF + _ASYNC[:4]:
+        raise ValueError(f"healthmon: HEALTHMON_WARN={env_warn!r} is not valid; accepted "
+                         f"values: {', '.join(_OFF + _ASYNC[:4])}")
 
     if sync is not None and not isinstance(sync, bool):
         raise ValueError(f"healthmon: sync must be True, False or None, got {sync!r}")
@@ -138,4 +145,5 @@ def resolve(every=None, sync=None, on_anomaly=None, log=None, allow_inf=None,
             patterns += (pat,)
     return Config(enabled=enabled, sync=env_sync if sync is None else sync, every=cfg_every,
                   on_anomaly=cfg_on, log=cfg_log or None, max_skips=max_skips,
-                  allow_inf=patterns)
+                  allow_inf=patterns,
+                  warn=env_warn is None or env_warn.lower() not in _OFF)

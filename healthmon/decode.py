@@ -12,7 +12,7 @@ import logging
 import warnings
 from typing import List, Optional
 
-from . import labels
+from . import alerts, labels
 from ._layout import LABEL, NUM_LABEL
 from .errors import Anomaly, HealthError
 from .records import Site, Step, merge_order
@@ -80,15 +80,20 @@ class Decoder:
         order = step.order[step.decoded:] if partial else step.order
         if partial:
             step.decoded += len(order)
-        if self._rec.has_compiled and step.active and not step.compiled_decoded:
+        compiled_done = step.compiled_decoded and not partial
+        if self._rec.has_compiled and step.active and not (partial and step.compiled_decoded):
             # (compiled code records every step: its cadence is applied here, so the
             # graph never depends on the step number)
             order = merge_order(order, self._rec.compiled_written(hosts))
-            step.compiled_decoded = partial
+            step.compiled_decoded = step.compiled_decoded or partial
         view = []  # (site, stack id) of the rows the sinks see, in execution order
         eager_seen = 0
         for site, sid in order:
-            if not site.compiled:
+            if site.compiled:
+                if compiled_done:
+                    view.append(site)  # checked before the update already
+                    continue
+            else:
                 eager_seen += 1
                 if eager_seen <= done:
                     if site.phase != "label":
@@ -145,6 +150,11 @@ class Decoder:
             dicts = self._row_dicts(self._last_rows)
             for sink in self.sinks:
                 sink.write_step(step.index, dicts)
+        if self._rules is not None:  # early warnings (none in a step with an anomaly)
+            alerts.issue(self._rules.evaluate(step.index, list(self._last_rows)), order,
+                         step.index,
+                         self._stacks.frames, self.warnings, self.sinks,
+                         self._dist.rank if self._dist is not None else None, self._modules)
         if self._dist is not None and apply_policy:  # every rank takes the same branch
             self._dist.settle(step.index, first, reported=self.config.sync)
         elif first is not None and not self.config.sync and not step.partial_reported:
@@ -242,6 +252,8 @@ class Decoder:
         head = f"healthmon: step {self._last_step}" if self._last_step is not None \
             else "healthmon: no step decoded yet (call mon.check())"
         text = head + "\n" + format_summary(self.records(), width=width, limit=limit)
+        if self.warnings:
+            text += "\n" + alerts.format_warnings(self.warnings)
         if self.skipped:
             text += "\nskipped (not recorded): " + "; ".join(
                 f"{n} x {reason}" for reason, n in sorted(self.skipped.items()))

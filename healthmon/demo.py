@@ -6,15 +6,18 @@ then the same training with two real-world bugs injected, each caught with its r
 1. the uint8 label wrap-around (``label -= 1`` on a uint8 map turns "void" 0 into 255, and
    ``cross_entropy`` would die with a device-side assert on a GPU);
 2. a masked division (``y = x / div; loss = y[mask].sum()`` with zeros in ``div`` under the
-   mask): the loss is finite but the gradient is NaN.
+   mask): the loss is finite but the gradient is NaN;
+3. a learning-rate schedule that grows instead of decaying (``ExponentialLR(gamma=1.08)``):
+   early warnings (:class:`~healthmon.HealthWarning`) come steps before the first Inf.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -108,20 +111,26 @@ class RunResult:
     seconds: float
     error: Optional[BaseException] = None
     summary: str = ""
+    warnings: List = field(default_factory=list)  # the monitor's early warnings
 
 
 def train(loss_fn: Callable, steps: int, seed: int = 0, monitor_kwargs: Optional[dict] = None,
-          progress: bool = True, label: str = "") -> RunResult:
+          progress: bool = True, label: str = "", lr_growth: Optional[float] = None
+          ) -> RunResult:
     """Train :class:`TinyUNet` for ``steps`` steps under ``healthmon.watch``; returns the
-    result, with the :class:`~healthmon.HealthError` if one was raised."""
+    result, with the :class:`~healthmon.HealthError` if one was raised and the early
+    warnings. ``lr_growth``: an ``ExponentialLR`` factor per step (the schedule bug)."""
     import healthmon
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = TinyUNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, lr_growth) if lr_growth else None
     start, loss_value, step = time.perf_counter(), float("nan"), 0
-    with healthmon.watch(model, **(monitor_kwargs or {})) as mon:
+    with warnings.catch_warnings(), healthmon.watch(model, **(monitor_kwargs or {})) as mon:
+        # the demo prints the warnings itself, with the step of the first non-finite value
+        warnings.simplefilter("ignore", healthmon.HealthWarning)
         try:
             for step in range(1, steps + 1):
                 images, labels = synthetic_batch(gen)
@@ -129,6 +138,8 @@ def train(loss_fn: Callable, steps: int, seed: int = 0, monitor_kwargs: Optional
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 if step % 10 == 0 or step == steps:
                     loss_value = loss.item()
                     if progress:
@@ -137,11 +148,13 @@ def train(loss_fn: Callable, steps: int, seed: int = 0, monitor_kwargs: Optional
         except healthmon.HealthError as err:
             if progress:
                 sys.stderr.write("\n")
-            return RunResult(step, loss_value, time.perf_counter() - start, err)
+            return RunResult(step, loss_value, time.perf_counter() - start, err,
+                             warnings=list(mon.warnings))
         summary = mon.summary(width=100, limit=8)
     if progress:
         sys.stderr.write("\n")
-    return RunResult(steps, loss_value, time.perf_counter() - start, summary=summary)
+    return RunResult(steps, loss_value, time.perf_counter() - start, summary=summary,
+                     warnings=list(mon.warnings))
 
 
 def _progress(label: str, step: int, steps: int, loss: float) -> None:
@@ -162,7 +175,8 @@ def main(steps: int = 300, out_dir: str = "healthmon-demo", progress: bool = Tru
     ok = train(healthy_loss, steps, monitor_kwargs={"log": log_path}, progress=progress,
                label="healthy")
     print(f"   {ok.steps} steps in {ok.seconds:.1f} s, final loss {ok.final_loss:.4f}, "
-          f"anomalies: {'none' if ok.error is None else ok.error}")
+          f"anomalies: {'none' if ok.error is None else ok.error}, early warnings: "
+          f"{len(ok.warnings) or 'none'}")
     if ok.summary:
         print("   mon.summary() of the last step (worst sites first):")
         print("\n".join("     " + line for line in ok.summary.splitlines()) + "\n")
@@ -177,12 +191,39 @@ def main(steps: int = 300, out_dir: str = "healthmon-demo", progress: bool = Tru
     nan = train(masked_division_loss, steps, progress=progress, label="masked division")
     print(_indent(nan.error) + "\n")
 
+    print("4) a learning-rate schedule that grows instead of decaying (ExponentialLR,\n"
+          "   gamma=1.08): healthmon warns (HealthWarning) before the first non-finite value")
+    grow = train(healthy_loss, DIVERGE_STEPS, progress=progress, label="growing lr",
+                 lr_growth=1.08)
+    print(_early(grow) + "\n")
+
     print(f"records of the healthy run: {log_path}")
     report = _render_report(log_path, out_dir)
     if report:
         print(f"plots and report: {report}")
     caught = wrap.error is not None and nan.error is not None
-    return 0 if ok.error is None and caught else 1
+    warned = bool(grow.warnings) and (grow.error is None or
+                                      grow.warnings[0].step < grow.error.anomaly.step)
+    return 0 if ok.error is None and not ok.warnings and caught and warned else 1
+
+
+DIVERGE_STEPS = 120  # the growing learning rate overflows at step 44 (seed 0)
+
+
+def _early(run: RunResult) -> str:
+    if not run.warnings:
+        return "   (no early warning: this is a bug in healthmon)"
+    first = run.warnings[0]
+    lines = [f"   {w.headline()}" for w in run.warnings[:4]]
+    if len(run.warnings) > 4:
+        lines.append(f"   ... {len(run.warnings) - 4} more warnings (mon.warnings)")
+    if run.error is not None:
+        bad = run.error.anomaly
+        lines.append(f"   first non-finite value ({bad.kind_text()} in {bad.where}): "
+                     f"{bad.step - first.step} steps after the first warning")
+    lines.append("   the first warning in full:")
+    lines += ["   " + line for line in first.report().splitlines()]
+    return "\n".join(lines)
 
 
 def _indent(err: Optional[BaseException]) -> str:

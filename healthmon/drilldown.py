@@ -576,11 +576,21 @@ def _probe(tensors, grad_tensors, frame) -> None:
             owner.loss_note = f"the loss-side probe failed ({type(e).__name__}: {e})"
 
 
+def _caller_frame():
+    """The frame that called ``backward()``: the first one above healthmon's own wrappers
+    (the loss-site wrapper may sit on top of this one)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.replace("\\", "/").startswith(
+            _PACKAGE_DIR):
+        frame = frame.f_back
+    return frame
+
+
 def _wrap_tensor_backward(original):
     def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
         outer = not _STATE.depth
         if outer and inputs is None:
-            _probe([self], [gradient], sys._getframe(1))
+            _probe([self], [gradient], _caller_frame())
         _STATE.depth += 1
         try:
             return original(self, gradient, retain_graph, create_graph, inputs)
@@ -590,6 +600,7 @@ def _wrap_tensor_backward(original):
                 _clear_pending()
     backward.__wrapped__ = original
     backward.__doc__ = original.__doc__
+    backward._healthmon_drilldown = True
     return backward
 
 
@@ -603,7 +614,7 @@ def _wrap_autograd_backward(original):
             gs = [gs] if isinstance(gs, torch.Tensor) or gs is None else list(gs)
             if len(gs) < len(ts):
                 gs = gs + [None] * (len(ts) - len(gs))
-            _probe(ts, gs, sys._getframe(1))
+            _probe(ts, gs, _caller_frame())
         _STATE.depth += 1
         try:
             return original(tensors, grad_tensors, retain_graph, create_graph,
@@ -614,6 +625,7 @@ def _wrap_autograd_backward(original):
                 _clear_pending()
     backward.__wrapped__ = original
     backward.__doc__ = original.__doc__
+    backward._healthmon_drilldown = True
     return backward
 
 
@@ -647,8 +659,15 @@ def uninstall(drill: "Drilldown") -> None:
 
 
 def installed() -> bool:
-    """Whether the backward wrappers are in place."""
-    return getattr(torch.Tensor.backward, "__wrapped__", None) is not None
+    """Whether the drill-down's backward wrappers are in place (anywhere in the chain)."""
+    fn = torch.Tensor.backward
+    for _ in range(32):
+        if fn is None:
+            return False
+        if getattr(fn, "_healthmon_drilldown", False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 # ----------------------------------------------------------------------------- per monitor

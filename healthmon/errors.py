@@ -8,7 +8,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-PHASES = ("input", "forward", "backward", "grad", "label")
+PHASES = ("input", "forward", "backward", "grad", "label", "loss", "param")
+# early-warning kinds (healthmon.rules); "nan" / "inf" / "label" are errors
+WARNING_KINDS = ("overflow", "spike", "growth", "dead", "frozen", "vanishing")
 
 SYNC_HINT = ("exact operation: run with HEALTHMON=sync (or healthmon.watch(model, sync=True)) "
              "to name the operation and the line that produced it")
@@ -105,6 +107,8 @@ class Anomaly:
     module_type: str = ""
     operation: Optional[Operation] = None
     drilldown: str = ""
+    severity: str = "error"  # "warning" for early signals (healthmon.rules)
+    detail: str = ""  # warnings: what the rule saw, one line (replaces stats.describe())
 
     @property
     def where(self) -> str:
@@ -118,11 +122,11 @@ class Anomaly:
 
     def headline(self) -> str:
         """One line: what went bad and where."""
-        return f"{self.kind_text()} in {self.where}: {self.stats.describe()}"
+        what = self.detail or self.stats.describe()
+        return f"{self.kind_text()} in {self.where}: {what}"
 
     def kind_text(self) -> str:
-        return {"nan": "NaN", "inf": "Inf", "label": "out-of-range labels",
-                "index": "out-of-range embedding indices"}.get(self.kind, self.kind)
+        return _KIND_TEXT.get(self.kind, self.kind)
 
     def user_frames(self) -> List[traceback.FrameSummary]:
         """Frames of the stack outside torch, healthmon, installed libraries (site-packages)
@@ -138,7 +142,8 @@ class Anomaly:
 
     def report(self) -> str:
         """The complete human report (what, where, last healthy stats, stack)."""
-        lines = [f"healthmon: {self.headline()}"]
+        lines = [f"healthmon{' warning' if self.severity == 'warning' else ''}: "
+                 f"{self.headline()}"]
         hint = self.stats.hint() if hasattr(self.stats, "hint") else None
         if hint:
             lines.append(f"  hint: {hint}")
@@ -149,8 +154,10 @@ class Anomaly:
         if self.consequences:
             shown = ", ".join(f"{a.site} ({a.phase} {a.role})" for a in self.consequences[:5])
             more = f" and {len(self.consequences) - 5} more" if len(self.consequences) > 5 else ""
-            lines.append(f"  later in the same step (consequences): {shown}{more}")
-        if self.phase == "backward" and self.role.startswith("grad_output"):
+            lines.append(f"  also in this step: {shown}{more}" if self.severity == "warning"
+                         else f"  later in the same step (consequences): {shown}{more}")
+        if self.phase == "backward" and self.role.startswith("grad_output") and \
+                self.severity != "warning":  # about a bad gradient's origin: errors only
             lines.append(f"  note: this gradient was already bad when it reached the output of "
                          f"{self.site}: the backward of the code that used that output outside "
                          f"the watched modules (usually the loss) produced it. The stack is "
@@ -159,8 +166,13 @@ class Anomaly:
             lines.extend(self.operation.lines())
         elif self.drilldown:
             lines.append(f"  exact operation: {self.drilldown}")
-        elif self.phase in ("forward", "backward", "grad"):
+        elif self.phase in ("forward", "backward", "grad") and self.severity != "warning":
             lines.append(f"  {SYNC_HINT}")
+        if self.phase == "loss" and self.severity != "warning":
+            lines.append("  note: this is the tensor backward() was called on (the loss), "
+                         "recorded before backward ran; the model's records of this step "
+                         "before it were finite. Look at the loss computation (targets, "
+                         "scaling, reduction); the line below is the backward call.")
         user = self.user_frames()
         if user:
             lines.append("  produced by (your code, innermost first):")
@@ -169,7 +181,7 @@ class Anomaly:
         if lib and user:
             lines.append("  through libraries (innermost first):")
             lines.extend(_format_frame(fr) for fr in lib)
-        if self.stack:
+        if self.stack and self.severity != "warning":  # a warning: the user's lines suffice
             lines.append("  full stack (most recent call last):")
             lines.extend(_format_frame(fr) for fr in self.stack)
         return "\n".join(lines)
@@ -184,6 +196,12 @@ def allow_inf_hint(site: str, phase: str, role: str) -> str:
             f"(fnmatch patterns; NaN is never allowed; pure 0/-inf masks are allowed "
             f"without a pattern)")
 
+
+_KIND_TEXT = {"nan": "NaN", "inf": "Inf", "label": "out-of-range labels",
+              "index": "out-of-range embedding indices",
+              "overflow": "overflow risk", "spike": "spike", "growth": "exponential growth",
+              "dead": "dead", "frozen": "frozen parameter",
+              "vanishing": "vanishing gradient"}
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _USER_MODULES_IN_PACKAGE = ("demo.py",)
@@ -250,3 +268,24 @@ class HealthError(RuntimeError):
     def __init__(self, anomaly: Anomaly, message: Optional[str] = None):
         self.anomaly = anomaly
         super().__init__(message if message is not None else anomaly.report())
+
+
+class HealthWarning(UserWarning):
+    """An early warning (overflow headroom, spike, growth, dead, frozen, vanishing): training
+    goes on. ``.anomaly`` holds the finding (an :class:`Anomaly` with ``severity ==
+    "warning"``); its fields are also on the warning itself.
+
+    Attributes:
+        kind: one of :data:`WARNING_KINDS`.
+        site, phase, role, step, stats, stack: as on :class:`Anomaly`.
+    """
+
+    def __init__(self, anomaly: Anomaly):
+        self.anomaly = anomaly
+        self.kind, self.site, self.phase = anomaly.kind, anomaly.site, anomaly.phase
+        self.role, self.step, self.stats = anomaly.role, anomaly.step, anomaly.stats
+        self.stack = anomaly.stack
+        super().__init__(anomaly.report())
+
+    def __reduce__(self):  # pickles (e.g. across processes) with its finding, not the text
+        return (type(self), (self.anomaly,))

@@ -422,12 +422,24 @@ def _num_classes(input: torch.Tensor) -> Optional[int]:
 def _owner_of_open_step():
     """The monitor whose root forward ran most recently in a step still open: the loss of
     that model's step (several monitors: a GAN's generator and discriminator)."""
+    return owner_among(_owners)
+
+
+def owner_among(monitors):
+    """Of ``monitors``, the one whose root forward ran most recently in a step still open
+    in this thread (a model trained in another thread is not this loss's); when none did
+    and one monitor's model runs compiled (its root hooks are traced, so no forward is
+    seen on the host), that one."""
     best = None
-    thread = threading.get_ident()  # a model trained in another thread is not this loss's
-    for mon in _owners:
+    thread = threading.get_ident()
+    for mon in monitors:
         if mon._cur.forward and mon._forward_thread == thread and \
                 (best is None or mon._forward_tick > best._forward_tick):
             best = mon
+    if best is None:
+        compiled = [m for m in monitors if m._rec.has_compiled and not m._removed]
+        if len(compiled) == 1:
+            best = compiled[0]
     return best
 
 

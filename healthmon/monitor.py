@@ -54,7 +54,8 @@ import torch
 from torch import nn
 
 from . import distributed as _distributed
-from . import drilldown, labels, ops
+from . import drilldown, labels, loss_site, ops
+from . import rules as _rules
 from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
 from .errors import Anomaly
@@ -106,8 +107,12 @@ class Monitor(Decoder):
     """
 
     def __init__(self, roots: Sequence[nn.Module], config: Config,
-                 allow_inf: Sequence[str] = (), sinks: Sequence = (), prefix: str = ""):
+                 allow_inf: Sequence[str] = (), sinks: Sequence = (), prefix: str = "",
+                 warn=None):
         self.config = config
+        self.warnings: List[Anomaly] = []  # early warnings (severity "warning"), oldest first
+        cfg = _rules.resolve_warn(warn, config.warn)
+        self._rules = _rules.Rules(cfg) if cfg is not None else None
         self.prefix = prefix
         self._forward_tick = 0
         self._forward_thread: Optional[int] = None
@@ -195,6 +200,7 @@ class Monitor(Decoder):
         # from the start: the buffers do not grow (move) once a graph captured them
         self._rec.capacity = 2 * len(self._modules) + len(self._params) + 64
         labels.install_loss_guard(self)
+        loss_site.install(self)
         self._warn_if_compiled(roots[0])
 
     def _warn_if_compiled(self, root: nn.Module) -> None:
@@ -285,6 +291,7 @@ class Monitor(Decoder):
 
     def _detach(self) -> None:
         labels.uninstall_loss_guard(self)
+        loss_site.uninstall(self)  # installed after the drill-down's wrapper: undone first
         if self._drill is not None:
             drilldown.uninstall(self._drill)
         _optimizer_hooks.discard(self)
@@ -710,6 +717,21 @@ class Monitor(Decoder):
         ops.store_record(records, site.slot, record)
         return clean
 
+    def _record_loss(self, tensors: Sequence[torch.Tensor], sid: int) -> None:
+        """Record the tensor(s) backward is about to run on (called by
+        :mod:`healthmon.loss_site` before the original backward): site ``<loss>``, phase
+        ``loss``, role ``value`` (``value[i]`` for several), call = n-th backward of the step.
+        Same native op and buffer as every record; sync mode checks it here (a non-finite
+        loss raises at the ``backward()`` line). Keeps no reference to the tensors."""
+        cur = self._cur
+        if self._removed or not cur.active:
+            return
+        call = cur.label_calls.get("<loss>", 0)  # per-step call counter, like the labels'
+        cur.label_calls["<loss>"] = call + 1
+        for i, t in enumerate(tensors):
+            self._record(t.detach(), -1, "<loss>", "loss",
+                         "value" if len(tensors) == 1 else f"value[{i}]", call, sid)
+
     def _record_params(self) -> None:
         """Phase ``param``: every watched parameter as the step ends (after the optimizer's
         update when the boundary is its step hook): one multi-tensor op per device.
@@ -984,7 +1006,7 @@ def _traced_grad_hook(records: torch.Tensor, slot: int):
 def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = None,
           sync: Optional[bool] = None, on_anomaly: Optional[str] = None, log=None,
           allow_inf: Sequence[str] = (), sinks: Sequence = (),
-          prefix: Optional[str] = None) -> Monitor:
+          prefix: Optional[str] = None, warn=None) -> Monitor:
     """Watch ``model`` (and ``more_modules``, e.g. a loss module) for NaN / Inf.
 
     Args:
@@ -1003,6 +1025,9 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
             ``close()`` (see :mod:`healthmon.sinks`).
         prefix: prefix of ``model``'s site names (``"generator"`` gives
             ``generator.conv1``), to tell apart models watched by separate monitors.
+        warn: early warnings (:mod:`healthmon.rules`): None/True (default thresholds),
+            False (off), a ``healthmon.WarnConfig`` or a dict of its fields.
+            ``HEALTHMON_WARN=off`` wins.
     Returns:
         the :class:`Monitor` (a context manager). With ``HEALTHMON=off`` it is inert: no
         hooks at all.
@@ -1021,7 +1046,10 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
                      allow_inf=allow_inf)  # merged with HEALTHMON_ALLOW_INF
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"healthmon: prefix must be a str, got {type(prefix).__name__}")
+    if warn is not None and not isinstance(warn, (bool, dict, _rules.WarnConfig)):
+        raise TypeError(f"healthmon: warn must be True, False, None, a dict or a "
+                        f"healthmon.WarnConfig, got {type(warn).__name__}")
     mon = Monitor((model,) + more_modules, config, allow_inf=config.allow_inf, sinks=sinks,
-                  prefix=prefix or "")
+                  prefix=prefix or "", warn=warn)
     _LIVE[id(mon)] = mon
     return mon

@@ -50,6 +50,7 @@ class Site:
         self.dtype, self.buffer, self.compiled, self.seq, self.sid = \
             dtype, buffer, compiled, seq, sid
         self.last_healthy = None
+        self.dtype = dtype  # of the site's first tensor: overflow headroom (healthmon.rules)
 
 
 class DeviceBuffer:

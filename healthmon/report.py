@@ -12,13 +12,14 @@ import os
 import textwrap
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .sinks import expand_logs, read_jsonl
+from .sinks import expand_logs, read_jsonl, read_warnings
 from .summary import format_summary, row_name, truncate_middle
 
 GRAD_PHASES = ("grad", "backward")
 ACT_PHASES = ("input", "forward")
 WEIGHT_PHASES = ("param", "weight")
 _BAD = "#d62728"
+_WARN = "#ff7f0e"
 _LABEL_CHARS = 44
 
 
@@ -108,9 +109,10 @@ def _bars(path: str, rows: List[dict], metrics: Sequence[Tuple[str, str]], title
 
 def _heatmap(path: str, records: List[dict], phases: Sequence[str], metric: str, title: str,
              site_order: Dict[str, int], anomaly_step: Optional[int],
-             max_columns: int = 400) -> Optional[str]:
+             max_columns: int = 400, warns: Sequence[dict] = ()) -> Optional[str]:
     """Sites (y) x steps (x) heat map of ``metric`` on a log colour scale; steps are binned
-    (max per bin) past ``max_columns``; non-finite cells red, missing / zero cells grey."""
+    (max per bin) past ``max_columns``; non-finite cells red, missing / zero cells grey;
+    early warnings (``type: "warning"`` log lines) as orange rings on their site's row."""
     import matplotlib
     import numpy as np
     from matplotlib.colors import ListedColormap, LogNorm
@@ -159,12 +161,18 @@ def _heatmap(path: str, records: List[dict], phases: Sequence[str], metric: str,
     if anomaly_step is not None:
         ax.plot([anomaly_step], [-0.5], marker="v", ms=10, color=_BAD, clip_on=False,
                 ls="none")
+    marks = [(w["step"], index[row_name(w)]) for w in warns
+             if w.get("phase") in phases and row_name(w) in index]
+    if marks:
+        ax.plot([s for s, _ in marks], [i for _, i in marks], marker="o", ms=9, mfc="none",
+                mec=_WARN, mew=2, ls="none", clip_on=False)
     ax.set_yticks(range(n))
     ax.set_yticklabels([truncate_middle(k, _LABEL_CHARS) for k in index],
                        fontsize=8 if n <= 50 else 6, family="monospace")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     binned = f", {len(steps)} steps in {ncol} bins (max per bin)" if ncol < len(steps) else ""
     mark = f"; \u25bc anomaly at step {anomaly_step}" if anomaly_step is not None else ""
+    mark += "; orange ring: early warning" if marks else ""
     ax.set_xlabel(f"step{binned}    (grey: not recorded or 0; red: NaN/Inf{mark})")
     ax.set_title(title, fontsize=11, pad=12)
     fig.tight_layout()
@@ -237,6 +245,7 @@ def render_report(jsonl_paths, out_dir: str, step: Optional[int] = None) -> str:
     """
     jsonl_paths = expand_logs(jsonl_paths)
     records, anomalies, metas = read_jsonl(jsonl_paths)
+    warns = read_warnings(jsonl_paths)
     if not records:
         raise ValueError(f"no records in {jsonl_paths!r}")
     os.makedirs(out_dir, exist_ok=True)
@@ -275,17 +284,30 @@ def render_report(jsonl_paths, out_dir: str, step: Optional[int] = None) -> str:
              "Gradient norms over steps"),
             ("heatmap_act.png", ("forward",), "rms", "Activation rms per site over steps",
              "Activation rms over steps")):
-        p = _heatmap(out(name), mine, phases, metric, title, order, bad_step)
+        p = _heatmap(out(name), mine, phases, metric, title, order, bad_step,
+                     warns=_flat_warnings(warns, rank))
         if p:
             images.append((p, caption))
     if anomalies:
         images.append((_anomaly_png(out("anomaly.png"), anomalies), "The anomaly"))
     path = out("index.html")
-    _write_html(path, jsonl_paths, images, anomalies, metas, at, where)
+    _write_html(path, jsonl_paths, images, anomalies, metas, at, where, warns)
     return path
 
 
-def _write_html(path: str, sources, images, anomalies, metas, rows, where) -> None:
+def _flat_warnings(warns: Sequence[dict], rank) -> List[dict]:
+    """The warnings of ``rank`` and the sites grouped with them (``consequences``)."""
+    out = []
+    for w in warns:
+        if w.get("rank") == rank:
+            out.append(w)
+            out.extend(dict(c, step=c.get("step", w.get("step"))) for c in
+                       w.get("consequences") or ())
+    return out
+
+
+def _write_html(path: str, sources, images, anomalies, metas, rows, where,
+                warns: Sequence[dict] = (), max_warnings: int = 20) -> None:
     esc = html.escape
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -306,6 +328,13 @@ def _write_html(path: str, sources, images, anomalies, metas, rows, where) -> No
             parts.append(f"<pre>{esc(a.get('report') or a.get('headline') or '')}</pre>")
     else:
         parts.append("<h2>no anomalies</h2>")
+    if warns:
+        parts.append(f"<h2 style='color:{_WARN}'>{len(warns)} early warning"
+                     f"{'' if len(warns) == 1 else 's'}</h2>")
+        for w in warns[:max_warnings]:
+            parts.append(f"<pre>{esc(w.get('report') or w.get('headline') or '')}</pre>")
+        if len(warns) > max_warnings:
+            parts.append(f"<p>... {len(warns) - max_warnings} more in the log</p>")
     for img, caption in images:
         name = os.path.basename(img)
         parts.append(f"<h3>{esc(caption)}</h3><img src='{esc(name)}' alt='{esc(caption)}'>")

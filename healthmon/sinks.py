@@ -4,6 +4,7 @@ The monitor calls every sink at step boundaries only, never inside a hook::
 
     sink.write_step(step, rows)   # rows: one dict per record of the step, see below
     sink.write_anomaly(anomaly)   # a healthmon.errors.Anomaly
+    sink.write_warning(warning)   # optional: an early warning (an Anomaly, severity "warning")
     sink.close()
 
 A row is ``{"site", "phase", "role", "call", "order", **TensorStats.as_dict()}`` where
@@ -44,6 +45,11 @@ class Sink:
 
     def write_anomaly(self, anomaly: Anomaly) -> None:
         """Receive an anomaly (before the monitor raises or warns)."""
+
+    def write_warning(self, warning: Anomaly) -> None:
+        """Receive an early warning (an Anomaly with ``severity == "warning"``; see
+        :mod:`healthmon.rules`). Optional for duck-typed sinks: the monitor calls it only
+        when present."""
 
     def close(self) -> None:
         """Flush and release resources; the monitor calls it once, at removal."""
@@ -126,7 +132,16 @@ def anomaly_dict(anomaly: Anomaly) -> dict:
         "consequences": [{"site": c.site, "phase": c.phase, "role": c.role, "call": c.call,
                           "step": c.step, "kind": c.kind} for c in anomaly.consequences],
         "headline": anomaly.headline(), "report": anomaly.report(),
+        "severity": anomaly.severity, "detail": anomaly.detail,
     }
+
+
+def warning_dict(warning: Anomaly) -> dict:
+    """The JSON record of an early warning (``type: "warning"``; same fields as
+    :func:`anomaly_dict`). Readers that predate warnings skip the unknown type."""
+    d = anomaly_dict(warning)
+    d["type"] = "warning"
+    return d
 
 
 def rank_path(path: Union[str, os.PathLike], rank: Optional[int]) -> str:
@@ -270,6 +285,15 @@ class JsonlSink(Sink):
         except OSError as err:
             self._fail(err)
 
+    def write_warning(self, warning: Anomaly) -> None:
+        """Append the warning (``type: "warning"``); flushed with the step records."""
+        if self._file is None:
+            raise ValueError(f"JsonlSink({self.path!r}) is closed")
+        record = warning_dict(warning)
+        if record["rank"] is None:
+            record["rank"] = self.rank
+        self._write_line(record)
+
     def _sync(self) -> None:
         self._file.flush()
         try:
@@ -391,6 +415,28 @@ def read_jsonl(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
     return records, anomalies, metas
 
 
+def read_warnings(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+                  ) -> List[dict]:
+    """The early warnings (``type: "warning"`` lines) of JSONL logs, sorted by step; same
+    path rules as :func:`read_jsonl`. Encoded NaN/Inf in their stats become floats again."""
+    out: List[dict] = []
+    for path in expand_logs(paths):
+        for name in _rotated_in_order(os.fspath(path)):
+            with open(name, "rb") as f:
+                for raw in f:
+                    if b'"warning"' not in raw:
+                        continue
+                    try:
+                        obj = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if obj.get("type") == "warning":
+                        _dec_stats(obj.get("stats"))
+                        out.append(obj)
+    out.sort(key=lambda w: w.get("step") or 0)
+    return out
+
+
 # ----------------------------------------------------------------------------- TensorBoard
 
 def _tag(text: str) -> str:
@@ -402,7 +448,8 @@ class TensorBoardSink(Sink):
     """Scalars per site into TensorBoard.
 
     Tags: ``healthmon/grad_norm/<site>`` (phases ``grad`` and ``backward``),
-    ``healthmon/act_absmax/<site>`` (``forward`` and ``input``), ``healthmon/nonfinite/total``
+    ``healthmon/act_absmax/<site>`` (``forward`` and ``input``), ``healthmon/loss/value``
+    (the scalar backward ran on; ``value_<n>`` for the n-th backward of a step), ``healthmon/nonfinite/total``
     every logged step and ``healthmon/nonfinite/<phase>/<site>`` when non-zero; anomalies as
     text under ``healthmon/anomaly``. Parameter gradients are named ``<site>.<param>``.
 
@@ -451,6 +498,9 @@ class TensorBoardSink(Sink):
                 add(f"healthmon/grad_norm/{name}", row["norm"], step)
             elif phase in ("forward", "input"):
                 add(f"healthmon/act_absmax/{name}", row["absmax"], step)
+            elif phase == "loss" and row.get("numel") == 1:  # the loss site (a scalar)
+                call = f"_{row['call']}" if row.get("call") else ""  # n-th backward of the step
+                add(f"healthmon/loss/{_tag(row.get('role', 'value'))}{call}", row["max"], step)
             bad = int(row.get("nan", 0)) + int(row.get("posinf", 0)) + int(row.get("neginf", 0))
             if bad:
                 add(f"healthmon/nonfinite/{row.get('phase')}/{name}", bad, step)
@@ -467,6 +517,14 @@ class TensorBoardSink(Sink):
             self.writer.flush()
         except OSError as err:
             self._fail(err)
+
+    def write_warning(self, warning: Anomaly) -> None:
+        """The warning's report as text under ``healthmon/warning`` and a scalar
+        ``healthmon/warning/<kind>/<site>`` = 1 at its step."""
+        text = "    " + warning.report().replace("\n", "\n    ")
+        self.writer.add_text("healthmon/warning", text, warning.step)
+        self.writer.add_scalar(f"healthmon/warning/{warning.kind}/{_tag(warning.site)}", 1.0,
+                               warning.step)
 
     def close(self) -> None:
         """Flush; close the writer when this sink created it."""
@@ -497,3 +555,7 @@ class LoggingSink(Sink):
     def write_anomaly(self, anomaly: Anomaly) -> None:
         """Log the anomaly's report."""
         self.logger.log(self.level, "%s", anomaly.report())
+
+    def write_warning(self, warning: Anomaly) -> None:
+        """Log the warning's report (at ``level``)."""
+        self.logger.log(self.level, "%s", warning.report())

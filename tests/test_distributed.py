@@ -80,7 +80,8 @@ def test_ddp_healthy_records_local_gradients(ddp2, scenario):
         assert r["anomalies"] == 0
         assert r["rank_info"] == [rank, 2, "cpu"]
         # names of the inner module: no "module." prefix of the DDP wrapper
-        assert r["sites"] == ["<input>", "gradpoison", "head", "layers.0",
+        # "<loss>": the tensor backward ran on (the loss is a site since issue 16)
+        assert r["sites"] == ["<input>", "<loss>", "gradpoison", "head", "layers.0",
                               "layers.1", "layers.2", "layers.3", "poison", "scale"]
         assert r["roles"] == ["bias [before all-reduce]", "weight [before all-reduce]"]
         # grad records are this rank's local gradient, before DDP's all-reduce
@@ -182,7 +183,8 @@ def test_fsdp2_healthy_records_local_shards(fsdp2):
     for r in results:
         assert r["error"] is None and r["anomalies"] == 0
         # original names: no _checkpoint_wrapped_module / _fsdp_wrapped_module
-        assert r["sites"] == ["<input>", "gradpoison", "head", "layers.0",
+        # "<loss>": the tensor backward ran on (the loss is a site since issue 16)
+        assert r["sites"] == ["<input>", "<loss>", "gradpoison", "head", "layers.0",
                               "layers.1", "layers.2", "layers.3", "poison", "scale"]
         assert r["n_checked"] == 5 * 7 and r["shard_match"]
 

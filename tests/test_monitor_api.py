@@ -221,7 +221,7 @@ def test_check_summary_records_and_policies(tmp_path):
         assert mon.check() == []
         rows = mon.records()
         phases = {r["phase"] for r in rows}
-        assert phases == {"input", "forward", "backward", "grad", "param"}
+        assert phases == {"input", "forward", "backward", "grad", "param", "loss"}
         assert [r["order"] for r in rows] == list(range(len(rows)))
         assert "0.weight" in mon.summary() and "<input>" in mon.summary()
         n_sites = mon.num_sites
