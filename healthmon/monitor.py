@@ -62,11 +62,28 @@ from .errors import Anomaly
 from .hooks import (ForwardHook, ParamHook, ReplayableForwardHook, RootPreHook, flat_tensors, local_tensor,
                     record_parts, skip_when_eager, unsupported, walk)
 from .decode import Decoder
-from .records import Recorder, Site, Step, merge_order
+from .records import BACKWARD_PHASES, PHASE_RANK, Recorder, Site, Step, merge_order
 from .stacks import traced_stack
 
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
 _FORWARD_TICKS = [0]
+
+
+def _has_compiled_code(modules) -> bool:
+    """Whether Dynamo holds compiled code for a forward of ``modules`` (``torch.compile(m)``
+    compiles ``forward``; ``m.compile()`` compiles ``Module._call_impl``)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:
+        return False
+    codes = {type(m).forward.__code__ for m in modules
+             if hasattr(type(m).forward, "__code__")}
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in modules):
+        codes.add(nn.Module._call_impl.__code__)
+    try:
+        return any(_debug_get_cache_entry_list(code) for code in codes)
+    except Exception:  # private API: never break watch()
+        return False
 
 
 def _in_backward() -> bool:
@@ -83,9 +100,10 @@ class _Trace:
 
     def __init__(self):
         self.token = None
+        self.number = 0  # traces seen so far: the current trace's number
         self.calls: Dict[int, int] = {}
 
-    def call_index(self, module: int) -> int:
+    def _sync(self) -> None:
         try:
             from torch._guards import TracingContext
             token = id(TracingContext.try_get())
@@ -93,6 +111,14 @@ class _Trace:
             token = None
         if token != self.token:
             self.token, self.calls = token, {}
+            self.number += 1
+
+    def trace_number(self) -> int:
+        self._sync()
+        return self.number
+
+    def call_index(self, module: int) -> int:
+        self._sync()
         n = self.calls.get(module, 0)
         self.calls[module] = n + 1
         return n
@@ -205,30 +231,19 @@ class Monitor(Decoder):
 
     def _warn_if_compiled(self, root: nn.Module) -> None:
         """Hooks added after a module's compiled code ran are not seen by that code
-        (Dynamo does not guard on module hooks): say so instead of recording nothing."""
-        compiled = getattr(root, "_compiled_call_impl", None) is not None
-        try:
-            from torch._dynamo.eval_frame import OptimizedModule
-            compiled = compiled or any(isinstance(m, OptimizedModule) for m in root.modules())
-        except ImportError:
-            pass
-        if not compiled:
+        (Dynamo does not guard on module hooks): when compiled code of a watched module
+        exists, reset Dynamo's caches (the next call recompiles with the hooks) and say so,
+        instead of silently recording nothing."""
+        if not _has_compiled_code(self._modules):
             return
-        try:
-            import torch._dynamo
-            ran = any(torch._dynamo.utils.counters["stats"].values())
-        except Exception:
-            ran = False
-        if ran:
-            import warnings
-            warnings.warn(
-                "healthmon: watch() was called on a model that torch.compile has already "
-                "compiled and run; its compiled code does not see hooks added afterwards, so "
-                "those parts would not be monitored. healthmon reset Dynamo's caches "
-                "(torch._dynamo.reset()) so the next call recompiles with the monitor. To "
-                "avoid the recompile, call healthmon.watch(model) before the first call of "
-                "the compiled model.", RuntimeWarning, stacklevel=4)
-            torch._dynamo.reset()
+        import warnings
+        warnings.warn(
+            "healthmon: watch() was called on a model whose compiled code (torch.compile) "
+            "already ran; that code does not see hooks added afterwards, so healthmon reset "
+            "Dynamo's caches (torch._dynamo.reset()): the next call recompiles with the "
+            "monitor. To avoid the recompile, call healthmon.watch(model) before the first "
+            "call of the compiled model.", RuntimeWarning, stacklevel=4)
+        torch._dynamo.reset()
 
     def _add_modules(self, root: nn.Module, prefix: str) -> None:
         """Hook ``root`` and its submodules not hooked yet (site names ``prefix.qualname``)."""
@@ -434,6 +449,8 @@ class Monitor(Decoder):
             return
         if not self._cur.active:
             return
+        if self.config.sync and self._rec.has_compiled:
+            self._check_compiled_now(("input", "forward"))  # a compiled body ran before
         recompute = _in_backward()  # activation checkpointing re-runs forward in backward
         if recompute and self._calls[index]:
             # attribute to the original (last) call: its site and its forward stack
@@ -473,6 +490,8 @@ class Monitor(Decoder):
 
     def _forward_tensor(self, index: int, t: torch.Tensor, sid: int) -> None:
         """Hot path: a module's first call in the step returned one plain tensor."""
+        if self._rec.has_compiled and type(t) is torch.Tensor and hasattr(t, _MARK):
+            return  # recorded by the compiled code that produced it
         seen = self._seen
         key = id(t)
         entry = seen.get(key)
@@ -536,6 +555,8 @@ class Monitor(Decoder):
         if not self._cur.active:
             return
         self._cur.backward = True
+        if self.config.sync and self._rec.has_compiled:
+            self._check_compiled_now(("input", "forward", "backward", "grad"))
         if self.config.sync or self._dist is not None:
             # distributed: record now, before DDP's reducer (its hook runs after this
             # one) all-reduces the gradient in place in a bucket view
@@ -613,10 +634,20 @@ class Monitor(Decoder):
     # no per-step order list: see records.py.
 
     def _trace_forward(self, index: int, output) -> None:
+        if torch.compiler.is_exporting():
+            return  # an exported program is for deployment: it carries no monitor
         call = _trace_call(self, index)
+        token = _trace_number(self)  # a constant of the graph
         for role, t in flat_tensors(output, "output", []):
             if t.dtype not in ops.STATS_DTYPES or t.layout != torch.strided:
                 continue
+            # a tensor returned by several nested modules is recorded once, for the
+            # innermost (as in eager): traced code cannot keep a table of tensors, so the
+            # tensor carries a marker (on graph outputs it stays: the eager hooks of a
+            # compiled root read it)
+            if getattr(t, _MARK, None) == token:
+                continue
+            setattr(t, _MARK, token)
             grad = t.requires_grad and torch.is_grad_enabled()
             slot, bslot, key, bkey = _traced_site(self, index, "forward", role, call,
                                                   str(t.device), t.dtype, grad)
@@ -625,6 +656,8 @@ class Monitor(Decoder):
                 t.register_hook(_traced_grad_hook(self._rec_tensor(bkey), bslot))
 
     def _trace_inputs(self, args, kwargs) -> None:
+        if torch.compiler.is_exporting():
+            return  # an exported program is for deployment: it carries no monitor
         tensors = flat_tensors(args, "input", [])
         if kwargs:
             flat_tensors(kwargs, "input", tensors)
@@ -636,6 +669,8 @@ class Monitor(Decoder):
             torch.ops.healthmon.stats_into(t.detach(), self._rec_tensor(key), slot)
 
     def _trace_param_grad(self, pindex: int, param) -> None:
+        if torch.compiler.is_exporting():
+            return  # an exported program is for deployment: it carries no monitor
         grad = param.grad
         if grad is None:
             return
@@ -657,6 +692,8 @@ class Monitor(Decoder):
             sid = fwd.sid if fwd is not None else -1
         else:
             sid = self._stacks.intern_summary(traced_stack())
+            if module >= 0 and self._mod_stack[module] < 0:
+                self._mod_stack[module] = sid  # the stack its parameters' records carry
         name = self._names[module] if module >= 0 else "<input>"
         site = self._rec.site(module, name, phase, role, call, device, dtype,
                               compiled=True, sid=sid)
@@ -767,9 +804,33 @@ class Monitor(Decoder):
         self._before_update(optimizer)
         return None
 
+    def _check_compiled_now(self, phases) -> None:
+        """Sync mode with compiled code: compiled records cannot be checked inside the
+        graph, so they are checked at the next eager hook (the compiled root's own hooks,
+        a parameter's gradient hook, the optimizer step), in execution order."""
+        cur = self._cur
+        checked = cur.compiled_checked
+        todo = [s for s in self._rec.sites.values()
+                if s.compiled and s.phase in phases and s not in checked]
+        if not todo:
+            return
+        rows = {}
+        for site in sorted(todo, key=lambda s: (PHASE_RANK.get(s.phase, 9),
+                                                -s.seq if s.phase in BACKWARD_PHASES
+                                                else s.seq)):
+            buf = site.buffer
+            if buf not in rows:
+                rows[buf] = buf.records[:, 0].tolist()
+            if rows[buf][site.slot] < 0:
+                continue  # not written in this step
+            checked.add(site)
+            self._check_now(site, site.sid)
+
     def _before_update(self, optimizer) -> None:
         if self._removed:
             return
+        if self.config.sync and self._rec.has_compiled:
+            self._check_compiled_now(tuple(PHASE_RANK))
         if self._grad_queue:
             self._flush_grads()
         cur = self._cur
@@ -965,6 +1026,7 @@ class _GradHook:
 
 skip_when_eager(_GradHook.__call__)
 _PLAIN = (torch.Tensor, nn.Parameter)
+_MARK = "_healthmon_recorded"  # attribute of a tensor recorded by compiled code
 
 
 def _trace_call(monitor: Monitor, index: int) -> int:
@@ -978,6 +1040,16 @@ def _trace_call_const(monitor_id: int, index: int) -> int:
 
 
 _LIVE: "weakref.WeakValueDictionary[int, Monitor]" = weakref.WeakValueDictionary()
+
+
+def _trace_number(monitor: Monitor) -> int:
+    return _trace_number_const(id(monitor))
+
+
+@torch._dynamo.assume_constant_result
+def _trace_number_const(monitor_id: int) -> int:
+    mon = _LIVE.get(monitor_id)
+    return mon._trace.trace_number() if mon is not None else 0
 
 
 def _traced_site(monitor: Monitor, module: int, phase: str, role: str, call: int,
@@ -999,7 +1071,9 @@ def _traced_grad_hook(records: torch.Tensor, slot: int):
     def record_grad(grad):
         if grad is not None:
             torch.ops.healthmon.stats_into(grad.detach(), records, slot)
-        return None
+        # the gradient itself, unchanged: compiled autograd traces a hook's result as the
+        # new gradient (None would drop it), eager treats it like None
+        return grad
     return record_grad
 
 

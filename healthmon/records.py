@@ -277,6 +277,7 @@ class Step:
 
     __slots__ = ("index", "active", "order", "forward", "backward", "anomaly", "prev_bwd",
                  "label_calls", "label_meta", "decoded", "partial_reported", "train",
+                 "compiled_checked",
                  "compiled_decoded")
 
     def __init__(self, index: int, active: bool):
@@ -292,3 +293,4 @@ class Step:
         self.decoded = 0  # records of ``order`` already decoded (before the update, on CPU)
         self.partial_reported = False  # ``anomaly`` was reported by that early decode
         self.compiled_decoded = False  # the early decode judged the compiled rows too
+        self.compiled_checked: set = set()  # sync mode: compiled sites checked this step
