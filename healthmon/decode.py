@@ -9,6 +9,7 @@ when distributed, after the ranks agree (:mod:`healthmon.distributed`).
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from typing import List, Optional
 
@@ -150,11 +151,14 @@ class Decoder:
             dicts = self._row_dicts(self._last_rows)
             for sink in self.sinks:
                 sink.write_step(step.index, dicts)
-        if self._rules is not None:  # early warnings (none in a step with an anomaly)
+        if self._rules is not None and self._rules_cadence.due():
+            # early warnings (none in a step with an anomaly), within their time budget
+            t0 = time.perf_counter()
             alerts.issue(self._rules.evaluate(step.index, list(self._last_rows)), order,
                          step.index,
                          self._stacks.frames, self.warnings, self.sinks,
                          self._dist.rank if self._dist is not None else None, self._modules)
+            self._rules_cadence.spent(time.perf_counter() - t0)
         if self._dist is not None and apply_policy:  # every rank takes the same branch
             self._dist.settle(step.index, first, reported=self.config.sync)
         elif first is not None and not self.config.sync and not step.partial_reported:

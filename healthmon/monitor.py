@@ -139,6 +139,7 @@ class Monitor(Decoder):
         self.warnings: List[Anomaly] = []  # early warnings (severity "warning"), oldest first
         cfg = _rules.resolve_warn(warn, config.warn)
         self._rules = _rules.Rules(cfg) if cfg is not None else None
+        self._rules_cadence = _rules.Cadence(cfg.budget if cfg is not None else 1.0)
         self.prefix = prefix
         self._forward_tick = 0
         self._forward_thread: Optional[int] = None

@@ -35,6 +35,7 @@ Defaults and the evidence they rest on: ``docs/warnings.md``.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, fields, replace
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -81,6 +82,10 @@ class WarnConfig:
     vanish_steps: int = 5         # steps of collapse before a vanishing warning
     converged_ratio: float = 1e-2  # loss / its first value under which it counts converged
     rearm_steps: int = 10         # clear records that end an episode
+    # the rules' share of a training step's wall time; above it they run every k-th
+    # decoded step (k up to 64), so always-on warnings stay cheap on launch-bound models
+    # (>= 1: every step, whatever it costs)
+    budget: float = 0.05
 
     def __post_init__(self):
         for f in fields(self):
@@ -94,6 +99,35 @@ class WarnConfig:
         if self.growth_steps >= self.window:
             raise ValueError(f"healthmon: WarnConfig.growth_steps ({self.growth_steps}) must "
                              f"be smaller than window ({self.window})")
+
+
+class Cadence:
+    """When the rules run: on every decoded step while they cost less than
+    ``budget`` x the training step's wall time (both exponential moving averages),
+    otherwise on every k-th, k = cost / (budget x step time), at most 64. K-step rules
+    (dead, frozen, vanishing) then count evaluated steps."""
+
+    def __init__(self, budget: float):
+        self.budget = budget
+        self.interval = 1
+        self._count = 0
+        self._last: Optional[float] = None
+        self._step: Optional[float] = None
+        self._cost: Optional[float] = None
+
+    def due(self) -> bool:
+        now = time.perf_counter()
+        if self._last is not None:
+            dt = now - self._last
+            self._step = dt if self._step is None else 0.9 * self._step + 0.1 * dt
+        self._last = now
+        self._count += 1
+        return self._count % self.interval == 0
+
+    def spent(self, seconds: float) -> None:
+        self._cost = seconds if self._cost is None else 0.9 * self._cost + 0.1 * seconds
+        if self.budget < 1 and self._step:
+            self.interval = max(1, min(64, math.ceil(self._cost / (self.budget * self._step))))
 
 
 def resolve_warn(warn, enabled: bool = True) -> Optional[WarnConfig]:
