@@ -212,18 +212,50 @@ def break_reasons(limit: int = 12) -> str:
     return "\n".join(lines)
 
 
+class TooManyGraphs(Exception):
+    """Raised by :class:`CappedCounter` (fail fast instead of compiling every extra graph
+    with Inductor: today's watched LM takes minutes that way)."""
+
+
+class CappedCounter(CompileCounterWithBackend):
+    """Counts graphs like its base; with ``cap``, refuses to compile graph ``cap + 1``."""
+
+    def __init__(self, backend: str, cap: Optional[int] = None):
+        super().__init__(backend)
+        self.cap = cap
+
+    def __call__(self, gm, example_inputs, **kw):
+        if self.cap is not None and self.frame_count >= self.cap:
+            self.frame_count += 1
+            raise TooManyGraphs(f"graph {self.frame_count} requested; the unwatched model "
+                                f"compiles to {self.cap}")
+        return super().__call__(gm, example_inputs, **kw)
+
+
+def _caused_by(exc: Optional[BaseException], kind) -> Optional[BaseException]:
+    """The first exception of type ``kind`` in ``exc``'s cause / context chain."""
+    while exc is not None:
+        if isinstance(exc, kind):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class Count:
     """Graphs, graph breaks and reasons of one compiled run."""
 
-    def __init__(self, cnt: CompileCounterWithBackend, after_warmup: Optional[int] = None):
+    def __init__(self, cnt: CompileCounterWithBackend, after_warmup: Optional[int] = None,
+                 stopped: Optional[str] = None):
         self.graphs = cnt.frame_count
         self.breaks = breaks()
         self.reasons = break_reasons()
         self.after_warmup = after_warmup  # graphs compiled after the warm-up steps
+        self.stopped = stopped  # the run was cut short at a graph over the cap
 
     def __repr__(self):
+        stop = f" (STOPPED: {self.stopped})" if self.stopped else ""
         return (f"{self.graphs} graphs, {self.breaks} graph breaks, "
-                f"{self.after_warmup} graphs compiled after warm-up\n"
+                f"{self.after_warmup} graphs compiled after warm-up{stop}\n"
                 f"break reasons:\n{self.reasons}")
 
 
@@ -269,18 +301,20 @@ def watch(model, **kw):
 
 
 def compiled_run(kind: str, scenario: str, backend: str, steps: int = 4, warmup: int = 2,
-                 fullgraph: bool = False, **watch_kw) -> Tuple[Count, object]:
+                 fullgraph: bool = False, cap: Optional[int] = None,
+                 **watch_kw) -> Tuple[Count, object]:
     """Train a fresh model compiled as ``scenario`` says; returns its counts and monitor.
 
     scenario: ``unwatched``; ``watch-then-compile`` (``watch(model)``, then
     ``torch.compile(model)``); ``watch-then-method`` (``watch(model)``, then
     ``model.compile()``); ``compile-then-watch`` (``torch.compile(model)``, then
-    ``watch(model)`` before the first call).
+    ``watch(model)`` before the first call). ``cap``: stop at the first graph beyond it
+    (the count then says STOPPED).
     """
     torch._dynamo.reset()
     counters.clear()
     model = make(kind)
-    cnt = CompileCounterWithBackend(backend)
+    cnt = CappedCounter(backend, cap)
     mon = None
     if scenario == "unwatched":
         fwd = torch.compile(model, backend=cnt, fullgraph=fullgraph)
@@ -296,7 +330,13 @@ def compiled_run(kind: str, scenario: str, backend: str, steps: int = 4, warmup:
         mon = watch(model, **watch_kw)
     else:
         raise ValueError(scenario)
-    after = train(fwd, model, kind, steps, warmup=warmup, cnt=cnt)
+    try:
+        after = train(fwd, model, kind, steps, warmup=warmup, cnt=cnt)
+    except Exception as exc:
+        cause = _caused_by(exc, TooManyGraphs)
+        if cause is None:
+            raise
+        return Count(cnt, None, stopped=str(cause)), mon
     count = Count(cnt, after)
     if mon is not None:
         mon.check()
@@ -305,6 +345,8 @@ def compiled_run(kind: str, scenario: str, backend: str, steps: int = 4, warmup:
 
 def assert_same_as_unwatched(base: Count, got: Count, what: str) -> None:
     msg = f"{what}:\n  unwatched: {base!r}\n  watched:   {got!r}"
+    if got.stopped:
+        pytest.fail("healthmon adds graphs or recompiles. " + msg, pytrace=False)
     assert got.breaks == base.breaks, "healthmon adds graph breaks. " + msg
     assert got.graphs == base.graphs, "healthmon adds graphs. " + msg
     assert got.after_warmup == 0, "recompiles after warm-up. " + msg
@@ -328,7 +370,7 @@ def test_no_added_break_inductor_lm():
     """The main count, with Inductor: ``watch(model)`` then ``torch.compile(model)`` on the
     LM makes exactly the unwatched graphs, no break, no recompile, and still records."""
     base, _ = compiled_run("lm", "unwatched", "inductor", steps=3)
-    got, mon = compiled_run("lm", "watch-then-compile", "inductor", steps=3)
+    got, mon = compiled_run("lm", "watch-then-compile", "inductor", steps=3, cap=base.graphs)
     try:
         assert_same_as_unwatched(base, got, "lm, watch then torch.compile, inductor")
         rows = mon.records()
@@ -342,7 +384,9 @@ def test_no_added_break_inductor_lm():
 @pytest.mark.parametrize("kind", ["lm", "mlp"])
 def test_no_added_break_or_recompile(kind, scenario):
     base, _ = compiled_run(kind, "unwatched", "aot_eager")
-    got, mon = compiled_run(kind, scenario, "aot_eager")
+    # capped (fail fast), except the cheap MLP case, whose message then has every reason
+    cap = None if (kind, scenario) == ("mlp", "watch-then-compile") else base.graphs
+    got, mon = compiled_run(kind, scenario, "aot_eager", cap=cap)
     try:
         assert_same_as_unwatched(base, got, f"{kind}, {scenario}, aot_eager")
         assert mon.records(), "no records from the compiled model"
@@ -393,7 +437,7 @@ def test_cadence_no_recompile_over_50_steps(every):
     base, _ = compiled_run("mlp", "unwatched", "aot_eager", steps=steps, warmup=warmup)
     sink = StepSink()
     got, mon = compiled_run("mlp", "watch-then-compile", "aot_eager", steps=steps,
-                            warmup=warmup, every=every, sinks=[sink])
+                            warmup=warmup, every=every, sinks=[sink], cap=base.graphs)
     try:
         assert_same_as_unwatched(base, got, f"mlp, every={every}, {steps} steps")
         recorded = sorted(s for s, n in sink.steps.items() if n)
@@ -476,7 +520,8 @@ def test_detection_parity_eager_vs_compiled(backend, kind):
     steps = max(SCHEDULE) + 2
     want, rows_e = run_schedule(kind, None, steps, SCHEDULE)
     # the eager run is the reference: it must itself see every injection, once per step
-    assert [f[0] for f in want] == sorted(SCHEDULE), want
+    # (monitor steps are one ahead of the schedule: the healthy step 0 ran first)
+    assert [f[0] for f in want] == [s + 1 for s in sorted(SCHEDULE)], want
     assert all(f[5] is not None for f in want), f"eager stack has no frame here: {want}"
     got, rows_c = run_schedule(kind, backend, steps, SCHEDULE)
     assert got == want, ("compiled findings differ from eager\n  eager:    "
@@ -507,38 +552,51 @@ def test_sync_mode_compiled_raises_at_same_site():
 
 # ----------------------------------------------------------------- compiled autograd
 
-def test_compiled_autograd_train_step_records_param_grads():
-    """A compiled train step (forward, loss, backward in one compiled function) with
-    compiled autograd: no crash, and every parameter gradient and some output gradients
-    are recorded."""
+def compiled_autograd_run(watched: bool, steps: int = 3):
+    """A compiled train step (forward, loss and backward in one compiled function) with
+    compiled autograd; returns (records of the last step or None, compiled-autograd
+    captures)."""
     model = make("mlp")
-    mon = watch(model)
+    mon = watch(model) if watched else None
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    # the flag is read when torch.compile wraps the function: set it before
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        @torch.compile(backend="aot_eager")
+        def fwd_bwd(x, y):
+            loss = loss_of(model(x), y)
+            loss.backward()
+            return loss
 
-    @torch.compile(backend="aot_eager")
-    def fwd_bwd(x, y):
-        loss = loss_of(model(x), y)
-        loss.backward()
-        return loss
+        try:
+            for step in range(steps):
+                x, y = batch("mlp", step)
+                opt.zero_grad(set_to_none=True)
+                fwd_bwd(x, y)
+                opt.step()
+            rows = None
+            if mon is not None:
+                mon.check()
+                rows = mon.records()
+        finally:
+            if mon is not None:
+                mon.remove()
+    return model, rows, counters["compiled_autograd"]["captures"]
 
-    old = torch._dynamo.config.compiled_autograd
-    torch._dynamo.config.compiled_autograd = True
-    try:
-        for step in range(3):
-            x, y = batch("mlp", step)
-            opt.zero_grad(set_to_none=True)
-            fwd_bwd(x, y)
-            opt.step()
-        mon.check()
-        rows = mon.records()
-    finally:
-        torch._dynamo.config.compiled_autograd = old
-        mon.remove()
+
+def test_compiled_autograd_train_step_records_param_grads():
+    """A compiled train step with compiled autograd: no crash, and every parameter gradient
+    and some output gradients are recorded (the unwatched run proves compiled autograd
+    really ran)."""
+    _, _, captures = compiled_autograd_run(watched=False)
+    assert captures > 0, "compiled autograd did not run unwatched (test set-up)"
+    torch._dynamo.reset()
+    counters.clear()
+    model, rows, captures = compiled_autograd_run(watched=True)
+    assert captures > 0, "compiled autograd did not run watched"
     grads = {(r["site"], r["role"]) for r in rows if r["phase"] == "grad"}
     params = {tuple(n.rsplit(".", 1)) for n, _ in model.named_parameters()}
     assert grads == params, f"parameter gradients recorded: {sorted(grads)}"
     assert any(r["phase"] == "backward" for r in rows), "no output gradient recorded"
-    assert counters["compiled_autograd"]["captures"] > 0, "compiled autograd did not run"
 
 
 # ----------------------------------------------------------------- watch after compiled code ran
