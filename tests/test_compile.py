@@ -184,12 +184,19 @@ def loss_of(out, y):
 
 # ----------------------------------------------------------------- Dynamo bookkeeping
 
+_MONITORS: list = []  # every monitor a test made, removed at its end (even on failure)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Every case starts from an empty Dynamo cache and empty counters."""
+    """Every case starts from an empty Dynamo cache and empty counters, and leaves no live
+    monitor behind (the loss guard is process-wide: a stale monitor would check the next
+    test's losses, inside its compiled regions too)."""
     torch._dynamo.reset()
     counters.clear()
     yield
+    while _MONITORS:
+        _MONITORS.pop().remove()
     torch._dynamo.reset()
     counters.clear()
 
@@ -297,7 +304,9 @@ def train(fwd, model: nn.Module, kind: str, steps: int, *, warmup: int = 0,
 
 def watch(model, **kw):
     kw.setdefault("sync", False)
-    return healthmon.watch(model, **kw)
+    mon = healthmon.watch(model, **kw)
+    _MONITORS.append(mon)
+    return mon
 
 
 def compiled_run(kind: str, scenario: str, backend: str, steps: int = 4, warmup: int = 2,
