@@ -344,7 +344,9 @@ class LSTMLM(nn.Module):
 
 
 class Policy(nn.Module):
-    """pytorch/examples actor_critic: shared layer, action head (softmax), value head."""
+    """pytorch/examples actor_critic: shared layer, action head, value head. Returns
+    log-probabilities (``log_softmax``: ``log(softmax)`` reaches -inf, then NaN, after a few
+    hundred updates on the bench's fixed episode -- healthmon caught it)."""
 
     def __init__(self, obs: int = 4, hidden: int = 128, actions: int = 2):
         super().__init__()
@@ -354,7 +356,7 @@ class Policy(nn.Module):
 
     def forward(self, x):
         x = F.relu(self.affine1(x))
-        return F.softmax(self.action_head(x), dim=-1), self.value_head(x)
+        return F.log_softmax(self.action_head(x), dim=-1), self.value_head(x)
 
 
 class DeepStack(nn.Module):
@@ -404,8 +406,8 @@ def _policy_step(obs, actions, returns):
     def step(model, opt):
         logps, values = [], []
         for t in range(obs.shape[0]):
-            probs, value = model(obs[t])
-            logps.append(torch.log(probs[0, actions[t]]))
+            logp, value = model(obs[t])
+            logps.append(logp[0, actions[t]])
             values.append(value[0, 0])
         values = torch.stack(values)
         adv = returns - values.detach()
@@ -444,7 +446,8 @@ def build_small(name: str, device: torch.device, tiny: bool = False,
         actions = torch.randint(0, 2, (k,), generator=g).tolist()
         returns = torch.randn(k, generator=g).to(device)
         spec = SmallModel(name, m, _policy_step(obs, actions, returns),
-                          f"actor-critic policy, batch 1, {k} forwards per optimizer step")
+                          f"actor-critic policy, batch 1, {k} forwards per optimizer step",
+                          lr=1e-3)  # the same episode thousands of times: keep it finite
     elif name == "deep":
         depth, b = (5, 2) if tiny else (50, 8)
         m = DeepStack(depth=depth)
