@@ -168,6 +168,52 @@ def bench_model(name: str, args) -> dict:
     return out
 
 
+# Where the monitor's host time goes, grouped (own time of the functions matched; builtins
+# are charged to the group of the code that calls them, via pstats' caller records).
+_GROUPS = (
+    ("stack capture (stacks.capture: frame walk + tuple-key hash)", ("stacks.py",), None),
+    ("native op calls (dispatcher + kernel: stats_into, multi_stats_into)", ("~",),
+     ("healthmon.stats_into", "healthmon.multi_stats_into")),
+    ("ops.py wrappers and argument re-checks", ("healthmon/ops.py",), None),
+    ("hooks.py: unsupported(), walk(), local_tensor()", ("healthmon/hooks.py",), None),
+    ("Tensor.register_hook per output (torch Python + handle)", ("torch/_tensor.py",
+                                                                 "torch/utils/hooks.py"), None),
+    ("monitor.py hook bodies, _site lookup, dict / weakref work", ("healthmon/monitor.py",),
+     None),
+    ("step boundary: decode.py, records.py, stats.py, labels.py",
+     ("healthmon/decode.py", "healthmon/records.py", "healthmon/stats.py",
+      "healthmon/labels.py"), None),
+)
+
+
+def _group_of(key) -> Optional[int]:
+    file, _, func = key
+    for i, (_, files, funcs) in enumerate(_GROUPS):
+        if any(file.endswith(f) or (f == "~" and file == "~") for f in files):
+            if funcs is None or any(f in func for f in funcs):
+                return i
+    return None
+
+
+def profile_breakdown(st: pstats.Stats, records: int, steps: int) -> str:
+    """Own time per group, in us per record, with builtins charged to their callers' group."""
+    total = [0.0] * len(_GROUPS)
+    for key, (cc, nc, tt, ct, callers) in st.stats.items():
+        g = _group_of(key)
+        if g is not None:
+            total[g] += tt
+        elif key[0] == "~":  # a builtin: split its own time between its callers' groups
+            for caller, c in callers.items():
+                cg = _group_of(caller)
+                if cg is not None:
+                    total[cg] += c[2]
+    n = records * steps
+    rows = [[name, f"{1e6 * t / n:.1f}", f"{100 * t / max(sum(total), 1e-12):.0f} %"]
+            for (name, _, _), t in zip(_GROUPS, total)]
+    rows.append(["total (monitor)", f"{1e6 * sum(total) / n:.1f}", "100 %"])
+    return T.fmt_table(["where", "us per record (under cProfile)", "share"], rows)
+
+
 def profile_async(name: str, steps: int, top: int, tiny: bool) -> str:
     """cProfile of ``steps`` async-monitored steps (after a warm-up), sorted by own time."""
     spec = M.build_small(name, torch.device("cpu"), tiny=tiny)
@@ -185,8 +231,8 @@ def profile_async(name: str, steps: int, top: int, tiny: bool) -> str:
     st = pstats.Stats(prof, stream=buf)
     st.sort_stats("tottime").print_stats(top)
     head = (f"cProfile, {name}, async, {steps} steps, {records} records per step "
-            f"(per-call times include cProfile's own overhead)\n")
-    return head + buf.getvalue()
+            f"(per-call times include cProfile's own overhead)\n\n")
+    return head + profile_breakdown(st, records, steps) + "\n" + buf.getvalue()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
