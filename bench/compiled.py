@@ -12,7 +12,8 @@ module (``torch.compile(model)``; loss and optimizer step stay eager, as most sc
 Steady-state step times are interleaved round by round after a warm-up (ratios to
 ``compiled``, median of the per-round ratios). Compile time is the wall time of the warm-up
 steps minus that many steady steps, measured once per variant (not interleaved: it happens
-once; on a shared machine take it as a rough figure). Graphs and graph breaks per variant are
+once; on a shared machine take it as a rough figure; with slow, noisy steps it can come out
+as 0). Graphs and graph breaks per variant are
 counted with a counting backend and ``torch._dynamo.utils.counters["graph_break"]``.
 
     python bench/compiled.py                                  # transformer + small set, inductor
@@ -149,7 +150,10 @@ def bench_model(name: str, args) -> dict:
     out["anomalies_at_end"] = {v: e for v, r in runners.items() if (e := r.finish())}
     c = out["variants"].get("compiled", {}).get("compile_s")
     for v in out["variants"].values():
-        v["compile_ratio"] = (v["compile_s"] / c) if c and v["compile_s"] is not None else None
+        # below 0.5 s the unwatched compile time is lost in step-time noise (or there was no
+        # graph at all): a ratio to it would mean nothing
+        v["compile_ratio"] = (v["compile_s"] / c) if c and c >= 0.5 and \
+            v["compile_s"] is not None else None
     rows = []
     for v, d in out["variants"].items():
         rows.append([v, f"{d['ratio']:.3f}x", f"{100 * d['iqr_rel']:.0f} %",
