@@ -38,7 +38,7 @@ import pstats
 import statistics
 import sys
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn

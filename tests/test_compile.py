@@ -16,12 +16,9 @@ test and in one detection-parity test.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
 import subprocess
 import sys
-import textwrap
 import warnings
 from typing import Dict, List, Optional, Tuple
 
