@@ -726,3 +726,33 @@ def test_healthmon_run_monitors_compiling_scripts(tmp_path, how):
     out = p.stdout + p.stderr
     assert p.returncode == 1, f"exit {p.returncode} (want 1: NaN reported)\n{out[-3000:]}"
     assert "NaN" in out and "norm" in out and "step 3" in out, out[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_reduce_overhead_watched():
+    """``mode="reduce-overhead"`` (CUDA graphs) on a watched model: no error, an injected
+    forward NaN reported at its step and site, record buffers that stay put."""
+    def run(watched: bool, inject=None):
+        torch._dynamo.reset()
+        model = make("mlp").cuda()
+        mon = watch(model, on_anomaly="log") if watched else None
+        fwd = torch.compile(model, mode="reduce-overhead")
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        ptrs = None
+        for step in range(6):
+            model.inject.switch(*(inject or {}).get(step, (None, 0.0)))
+            x, y = (t.cuda() for t in batch("mlp", step))
+            loss = loss_of(fwd(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if mon is not None and step == 2:
+                ptrs = [t.data_ptr() for t in record_buffers(mon)]
+        return mon, ptrs
+
+    run(False)
+    mon, ptrs = run(True, inject={4: ("forward", float("nan"))})
+    mon.check()
+    assert [t.data_ptr() for t in record_buffers(mon)] == ptrs
+    found = findings(mon)
+    assert found and found[0][:5] == (4, "inject", "forward", "output", "nan"), found
