@@ -177,6 +177,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--steps-per-sample", type=int, default=None)
     p.add_argument("--target-s", type=float, default=0.2)
     p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--no-cache", action="store_true",
+                   help="disable Inductor's on-disk caches (clean compile times)")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
@@ -187,6 +189,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = T.require_native(dev, args.allow_reference)
+    if args.no_cache:  # otherwise graphs compiled by an earlier run are loaded, not compiled
+        import torch._inductor.config as inductor_config
+        inductor_config.force_disable_caches = True
     warnings.filterwarnings("ignore")  # Dynamo's per-break warnings would drown the tables
     info = T.machine_info(dev)
     print(T.describe_machine(info), flush=True)
