@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TRAINER_DEPS ?= "lightning>=2.4,<3" "transformers>=4.46,<6" "accelerate>=1.0"
 STAMP  := $(VENV)/.healthmon-setup
 
-.PHONY: setup build test demo bench bench-kernels gpu-check clean
+.PHONY: setup build test demo bench bench-kernels bench-small bench-compiled gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,14 @@ bench-kernels: build
 bench: build
 	mkdir -p $(RESULTS)
 	$(PY) bench/overhead.py --json $(RESULTS)/overhead_cpu.json
+
+bench-small: build
+	mkdir -p $(RESULTS)
+	$(PY) bench/small.py --profile deep --json $(RESULTS)/small_cpu.json
+
+bench-compiled: build
+	mkdir -p $(RESULTS)
+	$(PY) bench/compiled.py --json $(RESULTS)/compiled_cpu.json
 
 # On a machine with a CUDA GPU, CUDA torch and nvcc: CUDA build + CUDA tests + both benches
 # (healthmon async / sync / off included) + targets; PYTHON=... to pick the interpreter.

@@ -299,3 +299,172 @@ def build(name: str, device: torch.device, tiny: bool = False, batch: Optional[i
         spec.inputs = tuple(i.to(device) for i in spec.inputs)
     spec.target = spec.target.to(device)
     return spec
+
+
+# --------------------------------------------------------------------------- small-model set
+# ``bench/small.py`` and ``bench/compiled.py`` (issue 14: small models, where the monitor's
+# fixed cost per recorded tensor is not amortised). One ``step`` = one optimizer step, which
+# for the policy is one episode of several batch-1 forwards.
+
+SMALL_MODELS = ("cnn", "lstm", "policy", "deep")
+
+
+class BNConvNet(nn.Module):
+    """BatchNorm CNN for 64 px images: 5 conv-BN-ReLU layers (32/32/64/64/128), 3 poolings,
+    global average pooling, linear head."""
+
+    def __init__(self, classes: int = 10, c: int = 32):
+        super().__init__()
+        chans = [3, c, c, 2 * c, 2 * c, 4 * c]
+        layers = []
+        for i in range(5):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False),
+                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
+            if i in (1, 3, 4):
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(chans[-1], classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class LSTMLM(nn.Module):
+    """pytorch/examples word_language_model shape: embedding, 2-layer LSTM, decoder."""
+
+    def __init__(self, vocab: int = 2000, d: int = 200, hidden: int = 200, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.rnn = nn.LSTM(d, hidden, layers, batch_first=True)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.embed(tokens))
+        return self.decoder(out)
+
+
+class Policy(nn.Module):
+    """pytorch/examples actor_critic: shared layer, action head, value head. Returns
+    log-probabilities (``log_softmax``: ``log(softmax)`` reaches -inf, then NaN, after a few
+    hundred updates on the bench's fixed episode -- healthmon caught it)."""
+
+    def __init__(self, obs: int = 4, hidden: int = 128, actions: int = 2):
+        super().__init__()
+        self.affine1 = nn.Linear(obs, hidden)
+        self.action_head = nn.Linear(hidden, actions)
+        self.value_head = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        x = F.relu(self.affine1(x))
+        return F.log_softmax(self.action_head(x), dim=-1), self.value_head(x)
+
+
+class DeepStack(nn.Module):
+    """``depth`` tiny Linear+ReLU blocks: kernel time negligible, so the step time is
+    host time (what a launch-bound GPU model pays per recorded tensor)."""
+
+    def __init__(self, depth: int = 50, width: int = 32, classes: int = 10):
+        super().__init__()
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.Linear(width, width), nn.ReLU())
+                                      for _ in range(depth)))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+@dataclass
+class SmallModel:
+    """One model and its optimizer step: ``step(model, opt)`` runs forward(s), loss,
+    backward and ``opt.step()``; ``forward(model)`` runs the forward part only (compile
+    warm-up and profiling)."""
+    name: str
+    model: nn.Module
+    step: Callable
+    description: str
+    lr: float = 1e-2
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _supervised_step(x, y, loss_fn):
+    def step(model, opt):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def _policy_step(obs, actions, returns):
+    """One actor-critic update: ``len(obs)`` batch-1 forwards (one per environment step),
+    then one backward of policy and value losses. Actions and returns are precomputed
+    (no environment, no sampling): every variant does the same work."""
+    def step(model, opt):
+        logps, values = [], []
+        for t in range(obs.shape[0]):
+            logp, value = model(obs[t])
+            logps.append(logp[0, actions[t]])
+            values.append(value[0, 0])
+        values = torch.stack(values)
+        adv = returns - values.detach()
+        loss = -(torch.stack(logps) * adv).sum() + F.smooth_l1_loss(values, returns)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def build_small(name: str, device: torch.device, tiny: bool = False,
+                seed: int = 0) -> SmallModel:
+    """Build small model ``name`` (see :data:`SMALL_MODELS`) with fixed synthetic data."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    torch.manual_seed(seed)
+    if name == "cnn":
+        b, hw = (2, 16) if tiny else (16, 64)
+        m = BNConvNet(c=4 if tiny else 32)
+        x, y = torch.randn(b, 3, hw, hw, generator=g), torch.randint(0, 10, (b,), generator=g)
+        x, y = x.to(device), y.to(device)
+        spec = SmallModel(name, m, _supervised_step(x, y, _ce),
+                          f"BatchNorm CNN 5 conv, batch {b}x3x{hw}x{hw}")
+    elif name == "lstm":
+        b, t = (2, 8) if tiny else (20, 35)
+        m = LSTMLM(vocab=50, d=16, hidden=16) if tiny else LSTMLM()
+        vocab = m.decoder.out_features
+        x = torch.randint(0, vocab, (b, t), generator=g).to(device)
+        y = torch.randint(0, vocab, (b, t), generator=g).to(device)
+        spec = SmallModel(name, m, _supervised_step(x, y, _ce_tokens),
+                          f"2-layer LSTM LM d={m.rnn.hidden_size}, vocab {vocab}, batch {b}x{t}")
+    elif name == "policy":
+        k = 4 if tiny else 20
+        m = Policy(hidden=16 if tiny else 128)
+        obs = torch.randn(k, 1, 4, generator=g).to(device)
+        actions = torch.randint(0, 2, (k,), generator=g).tolist()
+        returns = torch.randn(k, generator=g).to(device)
+        spec = SmallModel(name, m, _policy_step(obs, actions, returns),
+                          f"actor-critic policy, batch 1, {k} forwards per optimizer step",
+                          lr=1e-3)  # the same episode thousands of times: keep it finite
+    elif name == "deep":
+        depth, b = (5, 2) if tiny else (50, 8)
+        m = DeepStack(depth=depth)
+        x, y = torch.randn(b, 32, generator=g), torch.randint(0, 10, (b,), generator=g)
+        x, y = x.to(device), y.to(device)
+        spec = SmallModel(name, m, _supervised_step(x, y, _ce),
+                          f"{depth} x (Linear 32x32 + ReLU), batch {b}")
+    else:
+        raise ValueError(f"unknown small model {name!r} (choose from {', '.join(SMALL_MODELS)})")
+    spec.model.to(device)
+    return spec
+
+
+def as_small(spec: BenchModel) -> SmallModel:
+    """A :func:`build` model as a :class:`SmallModel` (one supervised step)."""
+    x = spec.inputs[0] if len(spec.inputs) == 1 else None
+    if x is None:
+        raise ValueError("as_small: one input only")
+    return SmallModel(spec.name, spec.model, _supervised_step(x, spec.target, spec.loss_fn),
+                      spec.description, spec.lr)

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts: tiny sizes, few iterations, valid JSON.
 
-They prove that ``bench/kernels.py`` and ``bench/overhead.py`` run end to end (on the native
+They prove that ``bench/kernels.py``, ``bench/overhead.py``, ``bench/small.py`` and
+``bench/compiled.py`` run end to end (on the native
 extension when it is built, on the reference fallback otherwise) and that the JSON they
 write has the fields the README tables are made from. Nothing here asserts a timing.
 """
@@ -161,3 +162,49 @@ def test_refuses_reference_numbers():
             env={"HEALTHMON_NO_EXT": "1"}, timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "REFERENCE" in p.stdout and "--allow-reference" in p.stderr
+
+
+def test_small_smoke(tmp_path):
+    """bench/small.py: every variant on the four tiny small models, host cost per record
+    and the cProfile section present (nothing timed is asserted)."""
+    out = tmp_path / "small.json"
+    p = run("small.py", "--tiny", "--rounds", "2", "--warmup", "1", "--steps-per-sample", "1",
+            "--profile", "deep", "--profile-steps", "2", "--allow-reference", "--json", str(out),
+            timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Host time per recorded tensor" in p.stdout and "cProfile" in p.stdout
+    d = json.loads(out.read_text())
+    assert d["benchmark"] == "small"
+    assert [m["model"] for m in d["models"]] == ["cnn", "lstm", "policy", "deep"]
+    for m in d["models"]:
+        assert set(m["variants"]) == {"none", "noop", "async", "sync", "off"}
+        assert m["records_per_step"] > 0 and not m["run_errors"], m["run_errors"]
+        assert not m["anomalies_at_end"], m["anomalies_at_end"]
+        for v, r in m["variants"].items():
+            assert r["error"] is None and finite(r["ratio"]), (v, r)
+            assert finite(r["us_per_record"]), (v, r)
+            assert len(m["timing"]["variants"][v]["samples_s"]) == 2
+    assert d["profile"] and "function calls" in d["profile"]
+
+
+def test_compiled_smoke(tmp_path):
+    """bench/compiled.py: eager, compiled and compiled + watched on two tiny models with the
+    aot_eager backend (no Inductor code generation in a smoke test); graph counts present."""
+    out = tmp_path / "compiled.json"
+    p = run("compiled.py", "--tiny", "--models", "deep,mlp", "--backend", "aot_eager",
+            "--rounds", "2", "--warmup", "2", "--steps-per-sample", "1", "--allow-reference",
+            "--json", str(out), timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Compiled step" in p.stdout
+    d = json.loads(out.read_text())
+    assert d["benchmark"] == "compiled"
+    assert [m["model"] for m in d["models"]] == ["deep", "mlp"]
+    for m in d["models"]:
+        assert set(m["variants"]) == {"eager", "compiled", "compiled+async"}, m["setup_errors"]
+        assert m["variants"]["compiled"]["ratio"] == pytest.approx(1.0)
+        assert not m["anomalies_at_end"], m["anomalies_at_end"]
+        for v, r in m["variants"].items():
+            assert r["error"] is None and finite(r["ratio"]), (v, r)
+        for v in ("compiled", "compiled+async"):
+            assert m["variants"][v]["graphs"] >= 1, (v, m["variants"][v])
+            assert finite(m["variants"][v]["compile_s"])
