@@ -45,7 +45,7 @@ def record_buffers(mon) -> List[torch.Tensor]:
     monitor's private state: when the recorder renames or splits its buffers (forward /
     backward), update this function and nothing else."""
     out = []
-    for buf in mon._bufs.values():
+    for buf in mon._rec.buffers.values():
         for name in ("records", "forward", "backward", "fwd", "bwd"):
             t = getattr(buf, name, None)
             if isinstance(t, torch.Tensor):
