@@ -344,12 +344,7 @@ class Monitor(Decoder):
             self._end_step(apply_policy=False)
             self._decode_pending(apply_policy=False)
         finally:
-            self._removed = True
-            self._detach()
-            self._seen.clear()
-            self._grad_queue.clear()
-            for sink in self.sinks:
-                sink.close()
+            self._release()
 
     @property
     def active(self) -> bool:

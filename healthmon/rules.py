@@ -35,6 +35,7 @@ Defaults and the evidence they rest on: ``docs/warnings.md``.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, fields, replace
@@ -142,6 +143,22 @@ def resolve_warn(warn, enabled: bool = True) -> Optional[WarnConfig]:
     """
     if not enabled or warn is False:
         return None
+    cfg = _resolve_warn(warn)
+    budget = os.environ.get("HEALTHMON_WARN_BUDGET", "").strip()
+    if budget:  # the rules' share of a step (>= 1: every step), for runs that want all
+        try:
+            value = float(budget)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ValueError(f"healthmon: HEALTHMON_WARN_BUDGET={budget!r} is not valid; a "
+                             "positive number (the rules' share of a step's time; 1: "
+                             "every step)")
+        cfg = replace(cfg, budget=value)
+    return cfg
+
+
+def _resolve_warn(warn) -> WarnConfig:
     if warn is None or warn is True:
         return WarnConfig()
     if isinstance(warn, WarnConfig):

@@ -61,6 +61,25 @@ class Sink:
         self.close()
 
 
+class MemorySink(Sink):
+    """Keeps everything in memory: ``steps`` (``(step, rows)`` pairs), ``anomalies`` and
+    ``warnings`` (notebooks, tests, trainer integrations)."""
+
+    def __init__(self):
+        self.steps: List[tuple] = []
+        self.anomalies: List[Anomaly] = []
+        self.warnings: List[Anomaly] = []
+
+    def write_step(self, step: int, rows: List[dict]) -> None:
+        self.steps.append((step, rows))
+
+    def write_anomaly(self, anomaly: Anomaly) -> None:
+        self.anomalies.append(anomaly)
+
+    def write_warning(self, warning: Anomaly) -> None:
+        self.warnings.append(warning)
+
+
 # ----------------------------------------------------------------------------- JSON helpers
 
 def _enc(value: Any) -> Any:

@@ -28,6 +28,7 @@ from healthmon.integrations import hf as hm_hf  # noqa: E402
 from healthmon.integrations import lightning as hm_l  # noqa: E402
 from healthmon.integrations.autopatch import TrainerPatch  # noqa: E402
 from healthmon.integrations.metrics import health_metrics  # noqa: E402
+from healthmon.sinks import MemorySink  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _integ_models import TinyModule, loader  # noqa: E402
@@ -53,20 +54,7 @@ def hooks_left(model: torch.nn.Module) -> int:
     return n
 
 
-class StepSink:
-    """A monitor sink: the number and rows of every decoded step."""
-
-    def __init__(self):
-        self.steps = []
-
-    def write_step(self, step, rows):
-        self.steps.append((step, rows))
-
-    def write_anomaly(self, anomaly):
-        pass
-
-    def close(self):
-        pass
+StepSink = MemorySink  # (site rows of every decoded step)
 
 
 def trainer(**kw):

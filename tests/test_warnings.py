@@ -23,6 +23,32 @@ from healthmon.sinks import read_jsonl, read_warnings
 import _warn_models as W
 
 
+@pytest.fixture(autouse=True)
+def every_step(monkeypatch):
+    """The rules on every step: their time budget (a share of the step's wall time) would
+    make which steps are judged depend on the machine's speed."""
+    monkeypatch.setenv("HEALTHMON_WARN_BUDGET", "1")
+
+
+def test_rules_cadence_follows_the_time_budget():
+    import time
+    from healthmon.rules import Cadence
+    cheap, dear = Cadence(0.05), Cadence(0.05)
+    for _ in range(5):
+        assert cheap.due() and (dear.due() or True)
+        time.sleep(0.002)
+        cheap.spent(0.00001)  # 0.5% of a 2 ms step
+        dear.spent(0.001)     # 50% of it
+    assert cheap.interval == 1
+    assert dear.interval >= 5  # k = cost / (budget * step)
+    always = Cadence(1.0)
+    always.due()
+    time.sleep(0.001)
+    always.due()
+    always.spent(1.0)
+    assert always.interval == 1
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     n = torch.get_num_threads()
@@ -181,7 +207,18 @@ def test_warn_config_and_its_errors():
         WarnConfig(headroom=2.0)
     with pytest.raises(TypeError, match="warn must be"):
         healthmon.watch(nn.Linear(2, 2), warn="yes")
-    assert resolve_warn(None) == WarnConfig() and resolve_warn(True, enabled=False) is None
+    assert resolve_warn(None) == WarnConfig(budget=1.0)  # HEALTHMON_WARN_BUDGET=1 (fixture)
+    assert resolve_warn(True, enabled=False) is None
+
+
+def test_warn_budget_environment(monkeypatch):
+    monkeypatch.delenv("HEALTHMON_WARN_BUDGET")
+    assert resolve_warn(None) == WarnConfig() and WarnConfig().budget == 0.05
+    monkeypatch.setenv("HEALTHMON_WARN_BUDGET", "0.2")
+    assert resolve_warn(None).budget == 0.2
+    monkeypatch.setenv("HEALTHMON_WARN_BUDGET", "fast")
+    with pytest.raises(ValueError, match="HEALTHMON_WARN_BUDGET"):
+        resolve_warn(None)
 
 
 def test_warnings_in_jsonl_summary_and_tensorboard(tmp_path):
