@@ -17,6 +17,8 @@
                          forward outputs / inputs may hold ±Inf; added to ``allow_inf=``.
 ``HEALTHMON_WARN``       ``off``/``0``/``false``/``no``: no early warnings (wins over
                          ``watch(warn=...)``); ``on``/``1``/``true``/``yes`` (default).
+``HEALTHMON_WARN_BUDGET`` the rules' share of a step's wall time (default 0.05; ``1``: every
+                         step); read by :func:`healthmon.rules.resolve_warn`.
 =======================  ==========================================================
 
 Explicit arguments win over the environment, except ``HEALTHMON=off``. Unknown values are a

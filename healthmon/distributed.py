@@ -387,7 +387,7 @@ class RankAgreement:
         mon, me = self._mon(), self.rank
         primary = by_rank[first_ranks[0]]
         if me not in by_rank:  # so that check() is non-empty on every rank alike
-            from .monitor import MAX_ANOMALIES
+            from .decode import MAX_ANOMALIES  # (a lower module: no cycle)
             if len(mon.anomalies) < MAX_ANOMALIES:
                 mon.anomalies.append(primary)
             else:
