@@ -13,6 +13,7 @@ import warnings
 from typing import Callable, List, Optional, Sequence
 
 from .errors import Anomaly, HealthWarning
+from .sinks import call_sinks
 from .stats import TensorStats
 
 MAX_WARNINGS = 1000
@@ -57,10 +58,7 @@ def issue(findings: Sequence, order: Sequence[tuple], step: int, frames: Callabl
     for a in out:
         if len(store) < MAX_WARNINGS:
             store.append(a)
-        for sink in sinks:
-            write = getattr(sink, "write_warning", None)
-            if write is not None:
-                write(a)
+        call_sinks(sinks, "write_warning", a)  # duck-typed sinks without it are skipped
     # last, once everything is recorded: a user's "error" warnings filter may raise here.
     # stacklevel=1: the warning is about the site's code (in the message), not the line
     # that happened to end the step

@@ -17,6 +17,7 @@ from . import alerts, labels
 from ._layout import LABEL, NUM_LABEL
 from .errors import Anomaly, HealthError
 from .records import Site, Step, merge_order
+from .sinks import call_sinks
 from .stats import TensorStats, is_additive_mask
 
 _log = logging.getLogger("healthmon")
@@ -70,11 +71,10 @@ class Decoder:
         Only rows with a nonzero NaN / ±Inf / bad-label count (columns 1-3, found with one
         vectorised test per buffer) are converted to Python and judged; the healthy rows
         stay in the host tensors, kept as the step's view (``records()`` and the sinks read
-        it) and copied into the last-healthy table in one indexed copy per buffer."""
+        it) and as the previous step's rows ("last healthy record" of a later anomaly)."""
         self._rec.wait()
         hosts = self._rec.host_tensors()
-        flagged = {buf: set((h[:, 1:4] != 0).any(1).nonzero().flatten().tolist())
-                   for buf, h in hosts.items()}
+        flagged = self._rec.flagged(hosts)
         first: Optional[Anomaly] = None if partial else step.anomaly
         prev_bwd = None
         done = 0 if partial else step.decoded
@@ -89,6 +89,10 @@ class Decoder:
             step.compiled_decoded = step.compiled_decoded or partial
         view = []  # (site, stack id) of the rows the sinks see, in execution order
         eager_seen = 0
+        if first is None and not any(flagged.values()):
+            # the healthy step (the common case): nothing to judge, no Python per row
+            view = [site for site, _ in order if site.phase != "label"]
+            order = ()
         for site, sid in order:
             if site.compiled:
                 if compiled_done:
@@ -143,14 +147,14 @@ class Decoder:
             return
         if not view and first is None:
             return  # nothing ran in this step (compiled sites all unwritten)
-        self._rec.keep_healthy(view, hosts)
-        self._last_rows = _LazyRows(view, {b: h if b.device.type == "cpu" else h.clone()
-                                           for b, h in hosts.items()})
+        # an accelerator's pinned host buffer is reused at the next boundary: keep a copy
+        kept = {b: h if b.device.type == "cpu" else h.clone() for b, h in hosts.items()}
+        self._rec.keep_healthy(kept)
+        self._last_rows = _LazyRows(view, kept)
         self._last_step = step.index
         if self.sinks:
             dicts = self._row_dicts(self._last_rows)
-            for sink in self.sinks:
-                sink.write_step(step.index, dicts)
+            call_sinks(self.sinks, "write_step", step.index, dicts)
         if self._rules is not None and self._rules_cadence.due():
             # early warnings (none in a step with an anomaly), within their time budget
             t0 = time.perf_counter()
@@ -214,8 +218,7 @@ class Decoder:
             self.anomalies.append(anomaly)
         else:
             self.dropped_anomalies += 1
-        for sink in self.sinks:
-            sink.write_anomaly(anomaly)
+        call_sinks(self.sinks, "write_anomaly", anomaly)
         if not apply_policy:
             return
         mode = self.config.on_anomaly

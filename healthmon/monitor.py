@@ -63,6 +63,7 @@ from .hooks import (ForwardHook, ParamHook, ReplayableForwardHook, RootPreHook, 
                     record_parts, skip_when_eager, unsupported, walk)
 from .decode import Decoder
 from .records import BACKWARD_PHASES, PHASE_RANK, Recorder, Site, Step, merge_order
+from .sinks import call_sinks
 from .stacks import traced_stack
 
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
@@ -332,8 +333,7 @@ class Monitor(Decoder):
         self._detach()
         self._seen.clear()
         self._grad_queue.clear()
-        for sink in self.sinks:
-            sink.close()
+        call_sinks(self.sinks, "close")
 
     def remove(self) -> None:
         """Remove every hook; the modules are left exactly as before. Records not yet

@@ -140,7 +140,8 @@ class Recorder:
         # buffer tensors that compiled code reads, by a fixed index (a list Dynamo guards on
         # by position; a buffer that grows replaces its entry)
         self.traced_tensors: List[torch.Tensor] = []
-        self._last_good: Dict[DeviceBuffer, torch.Tensor] = {}
+        self._previous: Dict[DeviceBuffer, torch.Tensor] = {}
+        self.label_slots: Dict[DeviceBuffer, set] = {}
         self._traced_keys: Dict[int, int] = {}
         self._allow_inf = allow_inf
 
@@ -164,6 +165,8 @@ class Recorder:
             site = self.sites[key] = Site(
                 name, phase, role, call, module, device, slot,
                 self._allow_inf(name, phase, role), dtype, buf, compiled, len(self.sites), sid)
+            if phase == "label":
+                self.label_slots.setdefault(buf, set()).add(slot)
             self.has_compiled = self.has_compiled or compiled
         return site
 
@@ -202,37 +205,35 @@ class Recorder:
         """Host copies ``(used, NUM_STATS)`` per buffer (after :meth:`wait`)."""
         return {b: b.host[:b.used] for b in self.buffers.values() if b.host is not None}
 
-    def keep_healthy(self, sites: List[Site], hosts: Dict[DeviceBuffer, torch.Tensor]) -> None:
-        """Copy the healthy rows of ``sites`` into the last-healthy table (one indexed copy
-        per buffer): the "last healthy record" an anomaly report shows."""
-        with _normal_tensors():
-            self._keep_healthy(sites, hosts)
+    def flagged(self, hosts: Dict[DeviceBuffer, torch.Tensor]) -> Dict[DeviceBuffer, set]:
+        """Per buffer, the slots whose record has a nonzero NaN / ±Inf count (columns 1-3)
+        or, for a label record, a nonzero bad-label count (column 1): one vectorised test per
+        buffer, so a healthy step costs no Python per row."""
+        out = {}
+        for buf, h in hosts.items():
+            first = set((h[:, 1] != 0).nonzero().flatten().tolist())
+            other = (h[:, 2:4] != 0).any(1).nonzero().flatten().tolist()
+            labels = self.label_slots.get(buf)
+            out[buf] = first.union(s for s in other if not labels or s not in labels)
+        return out
 
-    def _keep_healthy(self, sites, hosts) -> None:
-        by_buf: Dict[DeviceBuffer, List[int]] = {}
-        for s in sites:
-            by_buf.setdefault(s.buffer, []).append(s.slot)
-        for buf, slots in by_buf.items():
-            h = hosts[buf]
-            table = self._last_good.get(buf)
-            if table is None or table.shape[0] < h.shape[0]:
-                grown = torch.full((buf.records.shape[0], NUM_STATS), -1.0, dtype=torch.float64)
-                if table is not None:
-                    grown[:table.shape[0]] = table
-                table = self._last_good[buf] = grown
-            index = torch.tensor(slots, dtype=torch.long)
-            rows = h.index_select(0, index)
-            ok = (rows[:, 1:4] == 0).all(1)
-            table.index_copy_(0, index[ok], rows[ok])
+    def keep_healthy(self, hosts: Dict[DeviceBuffer, torch.Tensor]) -> None:
+        """Keep the decoded step's host rows: the "last healthy record" of a site that goes
+        bad in a later step is its row there (eager rows keep a site's last record)."""
+        self._previous = hosts
 
     def last_healthy(self, site: Site) -> Optional[list]:
-        """The site's last healthy record (None when it never had one)."""
-        if site.last_healthy is not None:  # sync mode keeps it on the site
+        """The site's record in the previously decoded step when it was healthy there
+        (None otherwise); sync mode keeps it on the site."""
+        if site.last_healthy is not None:
             return site.last_healthy
-        table = self._last_good.get(site.buffer)
-        if table is None or site.slot >= table.shape[0] or table[site.slot, 0] < 0:
+        h = self._previous.get(site.buffer)
+        if h is None or site.slot >= h.shape[0]:
             return None
-        return table[site.slot].tolist()
+        row = h[site.slot].tolist()
+        if row[0] < 0 or row[1] or row[2] or row[3]:
+            return None
+        return row
 
     def compiled_written(self, hosts: Dict[DeviceBuffer, torch.Tensor]) -> List[Site]:
         """Compiled sites written in the decoded step, in execution order: forward-side

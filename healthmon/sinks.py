@@ -61,6 +61,25 @@ class Sink:
         self.close()
 
 
+def call_sinks(sinks: List, method: str, *args) -> None:
+    """``sink.<method>(*args)`` for every sink that has it. A sink that raises (a user's
+    sink, a full disk) never breaks the training step: one warning names it and the error,
+    and it is dropped from ``sinks`` (monitoring goes on)."""
+    for sink in list(sinks):
+        fn = getattr(sink, method, None)
+        if fn is None:
+            continue
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001 - whatever a sink raises
+            import warnings
+            warnings.warn(f"healthmon: the sink {type(sink).__name__} raised in {method}() "
+                          f"({type(err).__name__}: {err}); it is dropped, monitoring goes "
+                          "on", RuntimeWarning, stacklevel=3)
+            if sink in sinks:
+                sinks.remove(sink)
+
+
 class MemorySink(Sink):
     """Keeps everything in memory: ``steps`` (``(step, rows)`` pairs), ``anomalies`` and
     ``warnings`` (notebooks, tests, trainer integrations)."""

@@ -301,3 +301,21 @@ def test_validation_batches_inside_a_step_add_no_sites():
             mon.check()
     assert info.value.anomaly.step == index
     mon.remove()
+
+
+def test_a_users_sink_that_raises_never_breaks_training():
+    class Broken:
+        def write_step(self, step, rows):
+            raise RuntimeError("my dashboard is down")
+
+        def close(self):
+            pass
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = healthmon.watch(model, sinks=[Broken()])
+    with pytest.warns(RuntimeWarning, match="Broken raised in write_step"):
+        step(model, opt)
+    step(model, opt)  # dropped: no second warning, training goes on
+    assert mon.sinks == []
+    mon.remove()
