@@ -399,6 +399,9 @@ class RankAgreement:
                                          self.world_size)
         if mode == "warn":
             warnings.warn(text, RuntimeWarning, stacklevel=4)
+        elif mode == "skip":  # every rank skipped this step's update (agreed before it)
+            warnings.warn(text + "\n  on_anomaly=skip: this step's update was skipped on "
+                          "every rank", RuntimeWarning, stacklevel=4)
         else:
             import logging
             logging.getLogger("healthmon").error("%s", text)

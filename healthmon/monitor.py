@@ -184,11 +184,6 @@ class Monitor(Decoder):
         self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
         self._drill: Optional[drilldown.Drilldown] = None  # sync mode: exact-op search
         _distributed.agree_settings(config)  # a collective on every rank, also when off
-        if config.enabled and config.on_anomaly == "skip" and _distributed.initialized():
-            raise ValueError(
-                "healthmon: on_anomaly='skip' is not supported with torch.distributed yet "
-                "(every rank would have to agree before each update); use 'raise' (the "
-                "default), 'warn' or 'log'")
         if not config.enabled:
             return
         if config.log:
@@ -837,8 +832,48 @@ class Monitor(Decoder):
             if self._pending is not None:
                 self._decode_pending()  # the previous step first: host buffers are shared
             self._decode_partial(cur)
-        if skip:
+        if skip and self._dist is not None:
+            self._skip_update_agreed(optimizer, cur)
+        elif skip:
             self._skip_update(optimizer, cur)
+
+    def _skip_update_agreed(self, optimizer, cur: Step) -> None:
+        """``skip`` under torch.distributed: every rank judges its own records of the step
+        so far (one host read; on an accelerator one sync) and one MAX all-reduce tells
+        every rank whether some rank is bad, so all ranks skip the same updates (their
+        weights stay identical). The anomaly itself is reported at the step boundary
+        through the usual rank agreement."""
+        self._rec.copy_to_host()
+        self._rec.wait()
+        hosts = self._rec.host_tensors()
+        flagged = self._rec.flagged(hosts)
+        order = merge_order(cur.order, self._rec.compiled_written(hosts)) \
+            if self._rec.has_compiled else cur.order
+        bad = 0
+        for site, _ in order:
+            if site.slot in flagged[site.buffer]:
+                row = hosts[site.buffer][site.slot].tolist()
+                if (row[1] if site.phase == "label" else self._bad(site, row)):
+                    bad = 1
+                    break
+        flag = torch.tensor([bad], dtype=torch.int64, device=self._dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                     group=self._dist.group)
+        if not flag.item():
+            self._skips = 0
+            return
+        self._skips = getattr(self, "_skips", 0) + 1
+        if self._skips > self.config.max_skips:
+            from .errors import HealthError
+            last = self.anomalies[-1] if self.anomalies else Anomaly(
+                site="<step>", phase="grad", role="", step=cur.index, kind="nan", stats=None)
+            raise HealthError(last, f"healthmon: {self._skips} consecutive steps skipped on every "
+                f"rank (max_skips={self.config.max_skips}, HEALTHMON_MAX_SKIPS); the "
+                "anomaly reports of the skipped steps are in mon.anomalies and the logs")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.skipped_steps.append(cur.index)
 
     def _skip_update(self, optimizer, cur: Step) -> None:
         """``on_anomaly="skip"``: when the step holds an anomaly, drop every gradient of

@@ -338,6 +338,25 @@ def sync_mode(rank, world, out):
         return train(model, mon, 6, rank)
 
 
+def skip_mode(rank, world, out):
+    """NaN forward on rank 1 at step 3 with on_anomaly=skip: every rank skips that update
+    (rank 0's local gradients are finite; DDP averages the NaN into them), training goes on,
+    the weights stay finite and identical on every rank."""
+    import healthmon
+    model = ddp(Net(poison=Poison(1, 3)))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        with healthmon.watch(model, on_anomaly="skip") as mon:
+            res = train(model, mon, 6, rank)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = [torch.zeros_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(everyone, flat)
+    res.update(skipped=list(mon.skipped_steps), finite=bool(torch.isfinite(flat).all()),
+               same=all(torch.equal(everyone[0], w) for w in everyone),
+               anomaly_steps=[a.step for a in mon.anomalies])
+    return res
+
+
 def _expect_mismatch(rank, **kw):
     import healthmon
     try:
@@ -405,5 +424,6 @@ def fsdp_forward_nan(rank, world, out):
 
 SCENARIOS = {f.__name__: f for f in (
     ddp_healthy, ddp_healthy_bucket_view, ddp_forward_nan, ddp_forward_nan_w4, ddp_input_nan,
-    ddp_backward_nan, ddp_grad_only_nan, two_bad_ranks, warn_mode, sync_mode, mismatch_off,
+    ddp_backward_nan, ddp_grad_only_nan, two_bad_ranks, warn_mode, sync_mode, skip_mode,
+    mismatch_off,
     mismatch_every, fsdp_healthy, fsdp_forward_nan)}

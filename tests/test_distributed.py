@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import _dist_worker as W  # noqa: E402
 
 DDP2 = ["lazy_init", "ddp_healthy", "ddp_healthy_bucket_view", "ddp_forward_nan", "ddp_input_nan",
-        "ddp_backward_nan", "ddp_grad_only_nan", "warn_mode", "sync_mode", "mismatch_off",
+        "ddp_backward_nan", "ddp_grad_only_nan", "warn_mode", "sync_mode", "skip_mode", "mismatch_off",
         "mismatch_every"]
 FSDP2 = ["fsdp_healthy", "fsdp_forward_nan"]
 DDP4 = ["ddp_forward_nan_w4", "two_bad_ranks"]
@@ -137,6 +137,16 @@ def test_warn_mode_all_ranks_take_the_same_branch(ddp2):
 
 def test_sync_mode_raises_at_the_boundary_on_every_rank(ddp2):
     assert_all_stopped(ddp2[0]["sync_mode"], 2, 1, "poison", "forward")
+
+
+def test_skip_mode_every_rank_skips_the_same_update(ddp2):
+    results = ddp2[0]["skip_mode"]
+    no_errors(results)
+    for rank, r in enumerate(results):
+        assert r["error"] is None and r["steps"] == 6, r  # training went on
+        assert len(r["skipped"]) == 1, r   # the poisoned step, on both ranks alike
+        assert r["finite"] and r["same"], r
+    assert results[0]["skipped"] == results[1]["skipped"]
 
 
 def test_config_mismatch_raises_on_every_rank(ddp2):
