@@ -54,17 +54,16 @@ import torch
 from torch import nn
 
 from . import distributed as _distributed
-from . import drilldown, labels, loss_site, ops
+from . import drilldown, labels, loss_site, ops, traced
 from . import rules as _rules
 from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
 from .errors import Anomaly
-from .hooks import (ForwardHook, ParamHook, ReplayableForwardHook, RootPreHook, flat_tensors, local_tensor,
+from .hooks import (ForwardHook, ParamHook, ReplayableForwardHook, RootPreHook, local_tensor,
                     record_parts, skip_when_eager, unsupported, walk)
 from .decode import Decoder
 from .records import BACKWARD_PHASES, PHASE_RANK, Recorder, Site, Step, merge_order
 from .sinks import call_sinks
-from .stacks import traced_stack
 
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
 _FORWARD_TICKS = [0]
@@ -93,36 +92,6 @@ def _in_backward() -> bool:
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-class _Trace:
-    """Trace-time state (``torch.compile``): per traced graph, how many times each module
-    was called so far, so a module called twice in one graph gets two sites."""
-
-    def __init__(self):
-        self.token = None
-        self.number = 0  # traces seen so far: the current trace's number
-        self.calls: Dict[int, int] = {}
-
-    def _sync(self) -> None:
-        try:
-            from torch._guards import TracingContext
-            token = id(TracingContext.try_get())
-        except Exception:
-            token = None
-        if token != self.token:
-            self.token, self.calls = token, {}
-            self.number += 1
-
-    def trace_number(self) -> int:
-        self._sync()
-        return self.number
-
-    def call_index(self, module: int) -> int:
-        self._sync()
-        n = self.calls.get(module, 0)
-        self.calls[module] = n + 1
-        return n
 
 
 class Monitor(Decoder):
@@ -164,7 +133,7 @@ class Monitor(Decoder):
         self._grad_roles: List[str] = []  # role of each parameter's ``grad`` records
         self._param_ids: set = set()
         self._rec = Recorder(64, self._site_allows_inf)
-        self._trace = _Trace()
+        self._trace = traced.TraceState()
         self._mod_stack: List[int] = []
         self._calls: List[int] = []
         self._fwd_cache: List[Optional[Site]] = []  # module -> site of its call-0 "output"
@@ -397,7 +366,7 @@ class Monitor(Decoder):
         if self._removed:
             return
         if _is_compiling():
-            self._trace_inputs(args, kwargs)
+            traced.record_inputs(self, args, kwargs)
             return
         if _in_backward():
             return
@@ -436,7 +405,7 @@ class Monitor(Decoder):
         if self._removed:
             return
         if _is_compiling():
-            self._trace_forward(index, output)
+            traced.record_forward(self, index, output)
             return
         if not self._cur.active:
             return
@@ -481,7 +450,7 @@ class Monitor(Decoder):
 
     def _forward_tensor(self, index: int, t: torch.Tensor, sid: int) -> None:
         """Hot path: a module's first call in the step returned one plain tensor."""
-        if self._rec.has_compiled and type(t) is torch.Tensor and hasattr(t, _MARK):
+        if self._rec.has_compiled and type(t) is torch.Tensor and hasattr(t, traced.MARK):
             return  # recorded by the compiled code that produced it
         seen = self._seen
         key = id(t)
@@ -541,7 +510,7 @@ class Monitor(Decoder):
         if self._removed:
             return
         if _is_compiling():  # compiled autograd traces this hook
-            self._trace_param_grad(pindex, param)
+            traced.record_param_grad(self, pindex, param)
             return
         if not self._cur.active:
             return
@@ -615,85 +584,6 @@ class Monitor(Decoder):
         if self.config.sync:
             for site, site_sid in added:
                 self._check_now(site, site_sid)
-
-    # ----------------------------------------------------------------- recording (traced)
-    #
-    # While torch.compile traces a hook, it runs these instead: op calls on tensors and
-    # constants only. The site (slot, stack) is found at trace time by ``_traced_site``,
-    # which Dynamo runs for real and bakes in as a constant; nothing here reads or writes
-    # per-step Python state (no guards, no recompiles, no graph breaks). Such records carry
-    # no per-step order list: see records.py.
-
-    def _trace_forward(self, index: int, output) -> None:
-        if torch.compiler.is_exporting():
-            return  # an exported program is for deployment: it carries no monitor
-        call = _trace_call(self, index)
-        token = _trace_number(self)  # a constant of the graph
-        for role, t in flat_tensors(output, "output", []):
-            if t.dtype not in ops.STATS_DTYPES or t.layout != torch.strided:
-                continue
-            # a tensor returned by several nested modules is recorded once, for the
-            # innermost (as in eager): traced code cannot keep a table of tensors, so the
-            # tensor carries a marker (on graph outputs it stays: the eager hooks of a
-            # compiled root read it)
-            if getattr(t, _MARK, None) == token:
-                continue
-            setattr(t, _MARK, token)
-            grad = t.requires_grad and torch.is_grad_enabled()
-            slot, bslot, key, bkey = _traced_site(self, index, "forward", role, call,
-                                                  str(t.device), t.dtype, grad)
-            torch.ops.healthmon.stats_into(t.detach(), self._rec_tensor(key), slot)
-            if bslot >= 0:
-                t.register_hook(_traced_grad_hook(self._rec_tensor(bkey), bslot))
-
-    def _trace_inputs(self, args, kwargs) -> None:
-        if torch.compiler.is_exporting():
-            return  # an exported program is for deployment: it carries no monitor
-        tensors = flat_tensors(args, "input", [])
-        if kwargs:
-            flat_tensors(kwargs, "input", tensors)
-        for role, t in tensors:
-            if t.dtype not in ops.STATS_DTYPES or t.layout != torch.strided:
-                continue
-            slot, _, key, _ = _traced_site(self, -1, "input", role, 0, str(t.device),
-                                           t.dtype, False)
-            torch.ops.healthmon.stats_into(t.detach(), self._rec_tensor(key), slot)
-
-    def _trace_param_grad(self, pindex: int, param) -> None:
-        if torch.compiler.is_exporting():
-            return  # an exported program is for deployment: it carries no monitor
-        grad = param.grad
-        if grad is None:
-            return
-        slot, _, key, _ = _traced_site(self, pindex, "grad", "", 0, str(grad.device),
-                                       grad.dtype, False)
-        torch.ops.healthmon.stats_into(grad.detach(), self._rec_tensor(key), slot)
-
-    def _rec_tensor(self, key: int) -> torch.Tensor:
-        return self._rec.traced_tensors[key]
-
-    def _make_traced_site(self, module: int, phase: str, role: str, call: int,
-                          device: torch.device, dtype, grad: bool):
-        """Trace time: the sites of one traced record (see ``_traced_site_const``)."""
-        if phase == "grad":  # module is a parameter index
-            pindex = module
-            module, _ = self._param_sites[pindex]
-            role = self._grad_roles[pindex]
-            fwd = self._rec.sites.get((module, "forward", "output", 0, device))
-            sid = fwd.sid if fwd is not None else -1
-        else:
-            sid = self._stacks.intern_summary(traced_stack())
-            if module >= 0 and self._mod_stack[module] < 0:
-                self._mod_stack[module] = sid  # the stack its parameters' records carry
-        name = self._names[module] if module >= 0 else "<input>"
-        site = self._rec.site(module, name, phase, role, call, device, dtype,
-                              compiled=True, sid=sid)
-        bslot, bkey = -1, -1
-        if grad:
-            bsite = self._rec.site(module, name, "backward", "grad_" + role, call, device,
-                                   dtype, compiled=True, sid=sid)
-            bslot, bkey = bsite.slot, self._rec.tensor_key(bsite.buffer)
-        return site.slot, bslot, self._rec.tensor_key(site.buffer), bkey
 
     def _check_loss_target(self, loss: str, input: torch.Tensor, target: torch.Tensor,
                            num_classes: int, ignore_index: int,
@@ -1057,55 +947,6 @@ class _GradHook:
 
 skip_when_eager(_GradHook.__call__)
 _PLAIN = (torch.Tensor, nn.Parameter)
-_MARK = "_healthmon_recorded"  # attribute of a tensor recorded by compiled code
-
-
-def _trace_call(monitor: Monitor, index: int) -> int:
-    return _trace_call_const(id(monitor), index)
-
-
-@torch._dynamo.assume_constant_result
-def _trace_call_const(monitor_id: int, index: int) -> int:
-    mon = _LIVE.get(monitor_id)
-    return mon._trace.call_index(index) if mon is not None else 0
-
-
-_LIVE: "weakref.WeakValueDictionary[int, Monitor]" = weakref.WeakValueDictionary()
-
-
-def _trace_number(monitor: Monitor) -> int:
-    return _trace_number_const(id(monitor))
-
-
-@torch._dynamo.assume_constant_result
-def _trace_number_const(monitor_id: int) -> int:
-    mon = _LIVE.get(monitor_id)
-    return mon._trace.trace_number() if mon is not None else 0
-
-
-def _traced_site(monitor: Monitor, module: int, phase: str, role: str, call: int,
-                 device: str, dtype, grad: bool):
-    return _traced_site_const(id(monitor), module, phase, role, call, device, dtype, grad)
-
-
-@torch._dynamo.assume_constant_result
-def _traced_site_const(monitor_id: int, module: int, phase: str, role: str, call: int,
-                       device: str, dtype, grad: bool):
-    """Runs for real while Dynamo traces (its result is a constant of the graph): the
-    site's slot in the forward-side buffer, its gradient site's slot in the backward-side
-    buffer (-1: none), and the index of each buffer tensor in ``traced_tensors``."""
-    mon = _LIVE[monitor_id]
-    return mon._make_traced_site(module, phase, role, call, torch.device(device), dtype, grad)
-
-
-def _traced_grad_hook(records: torch.Tensor, slot: int):
-    def record_grad(grad):
-        if grad is not None:
-            torch.ops.healthmon.stats_into(grad.detach(), records, slot)
-        # the gradient itself, unchanged: compiled autograd traces a hook's result as the
-        # new gradient (None would drop it), eager treats it like None
-        return grad
-    return record_grad
 
 
 def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = None,
@@ -1156,5 +997,5 @@ def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = Non
                         f"healthmon.WarnConfig, got {type(warn).__name__}")
     mon = Monitor((model,) + more_modules, config, allow_inf=config.allow_inf, sinks=sinks,
                   prefix=prefix or "", warn=warn)
-    _LIVE[id(mon)] = mon
+    traced.register(mon)
     return mon

@@ -124,6 +124,7 @@ def _is_tracer(filename: str) -> bool:
     return "/torch/_dynamo/" in name or "/torch/_inductor/" in name or \
         "/torch/_functorch/" in name or "/torch/fx/" in name or name.endswith(
             ("/torch/nn/modules/module.py", "/healthmon/monitor.py", "/healthmon/hooks.py",
+             "/healthmon/traced.py",
              "/torch/_tensor.py", "/torch/utils/hooks.py"))
 
 

@@ -1,0 +1,189 @@
+"""Recording inside graphs that ``torch.compile`` traces.
+
+While Dynamo traces a watched module's hooks (the module runs inside a compiled region), the
+monitor records through these functions instead of its eager path: op calls on tensors and
+constants only. Each site's slot and stack are found at trace time by functions marked
+``torch._dynamo.assume_constant_result``, which Dynamo runs for real and bakes into the graph
+as constants; nothing here reads or writes per-step Python state, so the monitor adds no guard,
+no recompile and no graph break. Such records carry no per-step order list: the recorder finds
+them by a written marker (see :mod:`healthmon.records`).
+
+The functions take the monitor as their first argument and use its recorder (``_rec``), stack
+table, names and parameter tables; this module imports nothing of the monitor.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Dict
+
+import torch
+
+from . import ops
+from .hooks import flat_tensors
+from .stacks import traced_stack
+
+MARK = "_healthmon_recorded"  # attribute of a tensor recorded by compiled code
+_LIVE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # id -> monitor
+
+
+def register(monitor) -> None:
+    """Make ``monitor`` reachable from trace-time constants (by its id, weakly)."""
+    _LIVE[id(monitor)] = monitor
+
+
+class TraceState:
+    """Trace-time state of one monitor: per traced graph, how many times each module was
+    called so far (a module called twice in one graph gets two sites), and the graph's
+    number (a constant the nested-output marker compares with)."""
+
+    def __init__(self):
+        self.token = None
+        self.number = 0  # traces seen so far: the current trace's number
+        self.calls: Dict[int, int] = {}
+
+    def _sync(self) -> None:
+        try:
+            from torch._guards import TracingContext
+            token = id(TracingContext.try_get())
+        except Exception:
+            token = None
+        if token != self.token:
+            self.token, self.calls = token, {}
+            self.number += 1
+
+    def trace_number(self) -> int:
+        self._sync()
+        return self.number
+
+    def call_index(self, module: int) -> int:
+        self._sync()
+        n = self.calls.get(module, 0)
+        self.calls[module] = n + 1
+        return n
+
+
+# ----------------------------------------------------------------- traced recording
+
+def record_forward(mon, index: int, output) -> None:
+    """Forward hook of watched module ``index`` while traced: its output tensors, and a
+    traced gradient hook on each that requires grad."""
+    if torch.compiler.is_exporting():
+        return  # an exported program is for deployment: it carries no monitor
+    call = _trace_call(mon, index)
+    token = _trace_number(mon)  # a constant of the graph
+    for role, t in flat_tensors(output, "output", []):
+        if t.dtype not in ops.STATS_DTYPES or t.layout != torch.strided:
+            continue
+        # a tensor returned by several nested modules is recorded once, for the innermost
+        # (as in eager): traced code cannot keep a table of tensors, so the tensor carries a
+        # marker (on graph outputs it stays: the eager hooks of a compiled root read it)
+        if getattr(t, MARK, None) == token:
+            continue
+        setattr(t, MARK, token)
+        grad = t.requires_grad and torch.is_grad_enabled()
+        slot, bslot, key, bkey = _traced_site(mon, index, "forward", role, call,
+                                              str(t.device), t.dtype, grad)
+        torch.ops.healthmon.stats_into(t.detach(), mon._rec.traced_tensors[key], slot)
+        if bslot >= 0:
+            t.register_hook(_grad_hook(mon._rec.traced_tensors[bkey], bslot))
+
+
+def record_inputs(mon, args, kwargs) -> None:
+    """Root pre-hook while traced: the model's input tensors (site ``<input>``)."""
+    if torch.compiler.is_exporting():
+        return
+    tensors = flat_tensors(args, "input", [])
+    if kwargs:
+        flat_tensors(kwargs, "input", tensors)
+    for role, t in tensors:
+        if t.dtype not in ops.STATS_DTYPES or t.layout != torch.strided:
+            continue
+        slot, _, key, _ = _traced_site(mon, -1, "input", role, 0, str(t.device), t.dtype,
+                                       False)
+        torch.ops.healthmon.stats_into(t.detach(), mon._rec.traced_tensors[key], slot)
+
+
+def record_param_grad(mon, pindex: int, param) -> None:
+    """Post-accumulate-grad hook of parameter ``pindex`` traced by compiled autograd."""
+    if torch.compiler.is_exporting():
+        return
+    grad = param.grad
+    if grad is None:
+        return
+    slot, _, key, _ = _traced_site(mon, pindex, "grad", "", 0, str(grad.device), grad.dtype,
+                                   False)
+    torch.ops.healthmon.stats_into(grad.detach(), mon._rec.traced_tensors[key], slot)
+
+
+def make_site(mon, module: int, phase: str, role: str, call: int, device: torch.device,
+              dtype, grad: bool):
+    """Trace time (run for real): the sites of one traced record.
+
+    Returns:
+        ``(slot, gradient slot or -1, buffer key, gradient buffer key or -1)``; keys index
+        the recorder's ``traced_tensors``.
+    """
+    rec = mon._rec
+    if phase == "grad":  # module is a parameter index
+        pindex = module
+        module, _ = mon._param_sites[pindex]
+        role = mon._grad_roles[pindex]
+        fwd = rec.sites.get((module, "forward", "output", 0, device))
+        sid = fwd.sid if fwd is not None else -1
+    else:
+        sid = mon._stacks.intern_summary(traced_stack())
+        if module >= 0 and mon._mod_stack[module] < 0:
+            mon._mod_stack[module] = sid  # the stack its parameters' records carry
+    name = mon._names[module] if module >= 0 else "<input>"
+    site = rec.site(module, name, phase, role, call, device, dtype, compiled=True, sid=sid)
+    bslot, bkey = -1, -1
+    if grad:
+        bsite = rec.site(module, name, "backward", "grad_" + role, call, device, dtype,
+                         compiled=True, sid=sid)
+        bslot, bkey = bsite.slot, rec.tensor_key(bsite.buffer)
+    return site.slot, bslot, rec.tensor_key(site.buffer), bkey
+
+
+# ----------------------------------------------------------------- trace-time constants
+
+def _trace_call(mon, index: int) -> int:
+    return _trace_call_const(id(mon), index)
+
+
+@torch._dynamo.assume_constant_result
+def _trace_call_const(monitor_id: int, index: int) -> int:
+    mon = _LIVE.get(monitor_id)
+    return mon._trace.call_index(index) if mon is not None else 0
+
+
+def _trace_number(mon) -> int:
+    return _trace_number_const(id(mon))
+
+
+@torch._dynamo.assume_constant_result
+def _trace_number_const(monitor_id: int) -> int:
+    mon = _LIVE.get(monitor_id)
+    return mon._trace.trace_number() if mon is not None else 0
+
+
+def _traced_site(mon, module: int, phase: str, role: str, call: int, device: str, dtype,
+                 grad: bool):
+    return _traced_site_const(id(mon), module, phase, role, call, device, dtype, grad)
+
+
+@torch._dynamo.assume_constant_result
+def _traced_site_const(monitor_id: int, module: int, phase: str, role: str, call: int,
+                       device: str, dtype, grad: bool):
+    """Runs for real while Dynamo traces (its result is a constant of the graph)."""
+    return make_site(_LIVE[monitor_id], module, phase, role, call, torch.device(device),
+                     dtype, grad)
+
+
+def _grad_hook(records: torch.Tensor, slot: int):
+    def record_grad(grad):
+        if grad is not None:
+            torch.ops.healthmon.stats_into(grad.detach(), records, slot)
+        # the gradient itself, unchanged: compiled autograd traces a hook's result as the
+        # new gradient (None would drop it), eager treats it like None
+        return grad
+    return record_grad
