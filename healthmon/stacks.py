@@ -72,12 +72,7 @@ class StackTable:
         key = tuple(key)
         sid = self._ids.get(key)
         if sid is None:
-            if len(self._keys) >= self.max_stacks:
-                return _FULL
-            sid = len(self._keys)
-            self._ids[key] = sid
-            self._keys.append(key)
-            self._user_start.append(next(
+            sid = self._intern(key, next(
                 (i for i, (code, _) in enumerate(key) if not _is_machinery(code.co_filename)
                  and not code.co_filename.endswith(("/healthmon/monitor.py",
                                                     "/healthmon/hooks.py"))), 0))
@@ -88,13 +83,16 @@ class StackTable:
         stack captured while ``torch.compile`` traced the code: see :func:`traced_stack`)."""
         key = tuple((str(f), int(n), str(name)) for f, n, name in frames)[:self.max_depth]
         sid = self._ids.get(key)
-        if sid is None:
-            if len(self._keys) >= self.max_stacks:
-                return _FULL
-            sid = len(self._keys)
-            self._ids[key] = sid
-            self._keys.append(key)
-            self._user_start.append(0)
+        return self._intern(key, 0) if sid is None else sid
+
+    def _intern(self, key: StackKey, user_start: int) -> int:
+        """A new id for ``key`` (``_FULL`` once the table holds ``max_stacks``)."""
+        if len(self._keys) >= self.max_stacks:
+            return _FULL
+        sid = len(self._keys)
+        self._ids[key] = sid
+        self._keys.append(key)
+        self._user_start.append(user_start)
         return sid
 
     def frames(self, sid: int) -> List[traceback.FrameSummary]:
