@@ -137,7 +137,7 @@ class Monitor(Decoder):
         self._mod_stack: List[int] = []
         self._calls: List[int] = []
         self._fwd_cache: List[Optional[Site]] = []  # module -> site of its call-0 "output"
-        self._bwd_sites: Dict[tuple, Site] = {}  # (module, role, call) -> its gradient site
+        self._bwd_cache: List[Optional[Site]] = []  # module -> site of its "grad_output"
         self._param_cache: Dict[str, dict] = {}  # phase -> parameter -> (site, dtype, ...)
         self._seen: Dict[int, tuple] = {}  # id(tensor) -> (weakref, recorded fwd, hooked bwd)
         self._grad_queue: Dict[int, None] = {}
@@ -236,6 +236,7 @@ class Monitor(Decoder):
             self._mod_stack.append(-1)
             self._calls.append(0)
             self._fwd_cache.append(None)
+            self._bwd_cache.append(None)
         for i in range(first, len(self._modules)):
             mod = self._modules[i]
             if self._drill is None:
@@ -478,7 +479,8 @@ class Monitor(Decoder):
         fn = t.grad_fn
         want_bwd = fn is not None and torch.is_grad_enabled()
         if want_bwd:  # a node pre-hook: cheaper than Tensor.register_hook, same gradient
-            fn.register_prehook(_GradHook(self, index, "grad_output", 0, sid, t.output_nr))
+            fn.register_prehook(_GradHook(self, index, "grad_output", 0, sid, t.output_nr,
+                                          self._bwd_cache[index]))
         seen[key] = (weakref.ref(t), True, want_bwd)
 
     def _on_forward_general(self, index: int, t, sid: int) -> None:
@@ -504,6 +506,8 @@ class Monitor(Decoder):
             grad = local_tensor(grad)
             site = hook.site = self._site(hook.index, self._names[hook.index], "backward",
                                           hook.role, hook.call, grad.device, grad.dtype)
+            if hook.role == "grad_output" and not hook.call:
+                self._bwd_cache[hook.index] = site  # the next steps' hooks start with it
         self._record_ok(grad, 0, "", "", "", 0, hook.sid, site)
 
     def _on_param_grad(self, pindex: int, param) -> None:
@@ -926,22 +930,20 @@ _optimizer_hooks = _OptimizerHooks()
 
 class _GradHook:
     """Pre-hook of a module output's autograd node: records the output's gradient (eager).
-    ``site`` is looked up on the first call (then reused while device and dtype hold)."""
+    ``site``: the gradient site, handed over when known (the monitor keeps it per module
+    for the common single-tensor output), else looked up on the first call."""
 
     __slots__ = ("monitor", "index", "role", "call", "sid", "output_nr", "site")
 
     def __init__(self, monitor: Monitor, index: int, role: str, call: int, sid: int,
-                 output_nr: int = 0):
+                 output_nr: int = 0, site: Optional[Site] = None):
         self.monitor, self.index, self.role, self.call, self.sid = monitor, index, role, call, sid
-        self.output_nr = output_nr
-        self.site = monitor._bwd_sites.get((index, role, call))
+        self.output_nr, self.site = output_nr, site
 
     def __call__(self, grad_outputs):
         grad = grad_outputs[self.output_nr]
         if grad is not None:
             self.monitor._on_grad(self, grad)
-            if self.site is not None:
-                self.monitor._bwd_sites[(self.index, self.role, self.call)] = self.site
         return None
 
 
