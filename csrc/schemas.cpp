@@ -6,6 +6,9 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <mutex>
+#include <vector>
+
 #include "record.h"
 
 TORCH_LIBRARY(healthmon, m) {
@@ -17,6 +20,11 @@ TORCH_LIBRARY(healthmon, m) {
   m.def("multi_stats(Tensor[] xs) -> Tensor");
   // Same, row i written into records[slots[i]].
   m.def("multi_stats_into(Tensor[] xs, Tensor(a!) records, int[] slots) -> ()");
+  // Same as stats_into, into row `slot` of the buffer registered under key `buffer`
+  // (set_record_buffer). Compiled graphs call this one: the buffer is not an argument, so a
+  // graph neither saves it for backward nor treats it as a mutated input (several compiled
+  // forwards feeding one backward would otherwise trip autograd's version check).
+  m.def("record_to(Tensor x, int buffer, int slot) -> ()");
   // Range check of integer labels: int64 [kNumLabelFields].
   m.def("label_check(Tensor target, int num_classes, int ignore_index) -> Tensor");
   // Range check plus an int64 copy of target with bad labels replaced by ignore_index.
@@ -24,6 +32,57 @@ TORCH_LIBRARY(healthmon, m) {
 }
 
 namespace {
+
+// Record buffers by key, for record_to. Heap-allocated and never destroyed: no tensor
+// destructor runs at interpreter exit (after the CUDA context may be gone).
+std::mutex& registry_mutex() {
+  static auto* mutex = new std::mutex();
+  return *mutex;
+}
+std::vector<at::Tensor>& registry() {
+  static auto* buffers = new std::vector<at::Tensor>();
+  return *buffers;
+}
+
+void set_record_buffer(int64_t key, at::Tensor records) {
+  TORCH_CHECK(key >= 0, "healthmon: record buffer key must be >= 0, got ", key);
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto& buffers = registry();
+  if (static_cast<size_t>(key) >= buffers.size()) buffers.resize(key + 1);
+  buffers[key] = std::move(records);
+}
+
+void clear_record_buffer(int64_t key) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto& buffers = registry();
+  if (key >= 0 && static_cast<size_t>(key) < buffers.size()) buffers[key] = at::Tensor();
+}
+
+at::Tensor registered_buffer(int64_t key) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto& buffers = registry();
+  TORCH_CHECK(key >= 0 && static_cast<size_t>(key) < buffers.size() && buffers[key].defined(),
+              "healthmon::record_to: no record buffer under key ", key,
+              " (never set, or its monitor was removed)");
+  return buffers[key];
+}
+
+// Graphs traced while a monitor watched keep calling this after monitor.remove() (until
+// Dynamo recompiles): their records have nowhere to go and are dropped, the model runs on.
+void record_to(const at::Tensor& x, int64_t buffer, int64_t slot) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("healthmon::stats_into", "")
+                       .typed<void(const at::Tensor&, at::Tensor&, int64_t)>();
+  at::Tensor records;
+  {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    auto& buffers = registry();
+    if (buffer >= 0 && static_cast<size_t>(buffer) < buffers.size()) records = buffers[buffer];
+  }
+  if (!records.defined()) return;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.call(x, records, slot);
+}
 
 // The monitor's hot path: one Python -> C++ call per recorded tensor. It calls the
 // registered kernel through the C++ dispatcher (whatever the device) below the autograd
@@ -48,6 +107,10 @@ void multi_record(std::vector<at::Tensor> xs, at::Tensor records, std::vector<in
 
 }  // namespace
 
+TORCH_LIBRARY_IMPL(healthmon, CompositeExplicitAutograd, m) {
+  m.impl("record_to", &record_to);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "healthmon native ops (registered as torch.ops.healthmon.*)";
   pybind11::list stats_fields, label_fields;
@@ -58,6 +121,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("records"), pybind11::arg("slot"));
   m.def("multi_record", &multi_record, "stats of xs[i] into records[slots[i]]",
         pybind11::arg("xs"), pybind11::arg("records"), pybind11::arg("slots"));
+  m.def("set_record_buffer", &set_record_buffer,
+        "register records (float64 [N, fields]) under key for healthmon::record_to",
+        pybind11::arg("key"), pybind11::arg("records"));
+  m.def("clear_record_buffer", &clear_record_buffer, "drop the buffer under key",
+        pybind11::arg("key"));
+  m.def("registered_buffer", &registered_buffer, "the buffer under key (tests)",
+        pybind11::arg("key"));
   m.attr("LABEL_FIELDS") = pybind11::tuple(label_fields);
 #ifdef HEALTHMON_WITH_CUDA
   m.attr("HAS_CUDA") = true;

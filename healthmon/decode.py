@@ -214,6 +214,15 @@ class Decoder:
         self._report(anomaly, self._dist is None)  # distributed: raise at the boundary
 
     def _report(self, anomaly: Anomaly, apply_policy: bool) -> None:
+        last = self._last_report
+        if last is not None and last.step == anomaly.step and last.rank == anomaly.rank:
+            # a later segment of a step already reported (several forwards or evaluation
+            # batches in one step): one anomaly per step, the rest are its consequences
+            last.consequences.append(anomaly)
+            last.consequences.extend(anomaly.consequences)
+            anomaly.consequences = []
+            return
+        self._last_report = anomaly
         if len(self.anomalies) < MAX_ANOMALIES:
             self.anomalies.append(anomaly)
         else:

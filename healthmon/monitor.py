@@ -119,6 +119,7 @@ class Monitor(Decoder):
         self.remove_on_raise = False
         self.anomalies: List[Anomaly] = []
         self.dropped_anomalies = 0
+        self._last_report: Optional[Anomaly] = None  # one anomaly per step (see _report)
         self.skipped: Dict[str, int] = {}
         self.skipped_steps: List[int] = []  # on_anomaly="skip": steps whose update was dropped
         self.sinks = list(sinks)
@@ -296,6 +297,7 @@ class Monitor(Decoder):
             return
         self._removed = True
         self._detach()
+        self._rec.release()
         self._seen.clear()
         self._grad_queue.clear()
         call_sinks(self.sinks, "close")
@@ -374,17 +376,17 @@ class Monitor(Decoder):
         if self._dist is None and _distributed.initialized():  # initialised after watch()
             self._dist = _distributed.attach(self, agree=True)
         cur = self._cur
-        # a root forward is a step boundary until an optimizer has stepped (then the
-        # optimizer's steps are the steps); evaluation forwards never are
+        # a root forward after a backward is a step boundary until an optimizer has stepped
+        # (then the optimizer's steps are the steps); evaluation forwards never are
         training = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-        if training and not self._external_steps and not self._opt_stepped and \
-                (cur.train or cur.backward):
+        if training and not self._external_steps and not self._opt_stepped and cur.backward:
             self._end_step()
             cur = self._cur
-        elif not training and cur.forward:
-            # an evaluation batch inside a step (validation loops): the records so far are
-            # decoded as a segment of the same step, so call numbers (and sites) do not
-            # grow with the number of evaluation batches
+        elif cur.forward and (not training or not cur.backward):
+            # an evaluation batch inside a step (validation loops), or one more forward
+            # before the step's backward (a policy called once per environment step): the
+            # records so far are decoded as a segment of the same step, so call numbers
+            # (and sites) do not grow with the number of forwards
             self._end_step(next_index=cur.index)
             cur = self._cur
         cur.forward = True

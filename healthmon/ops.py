@@ -284,6 +284,10 @@ if _native is not None:
     def _stats_into_fake(x, records, slot):
         return None
 
+    @torch.library.register_fake("healthmon::record_to")
+    def _record_to_fake(x, buffer, slot):
+        return None
+
     @torch.library.register_fake("healthmon::multi_stats")
     def _multi_stats_fake(xs):
         device = xs[0].device if xs else torch.device("cpu")
@@ -315,9 +319,13 @@ if _native is not None:
 _LIB = None
 if _native is not None:
     _LIB = torch.library.Library("healthmon", "IMPL")
-    for _op in ("stats", "stats_into", "multi_stats", "multi_stats_into", "label_check",
-                "label_sanitize"):
+    for _op in ("stats", "stats_into", "record_to", "multi_stats", "multi_stats_into",
+                "label_check", "label_sanitize"):
         _LIB.impl(_op, torch.library.fallthrough_kernel, "Autograd")
+    # record_to writes a buffer it does not take as an argument (so compiled graphs neither
+    # save nor mutate the buffer): nothing in a graph uses its (absent) result, so graph
+    # passes must be told not to drop it as dead code.
+    torch.fx.node.has_side_effect(torch.ops.healthmon.record_to.default)
 
     def _front(x, dim):
         """``x`` with its vmap batch dimension first (``dim`` None: unbatched, unchanged)."""
@@ -347,6 +355,11 @@ if _native is not None:
         _no_batched_records("stats_into", in_dims[1])
         _native.stats_into(x, records, slot)  # the physical tensor: every sample at once
         return None, None
+
+    @torch.library.register_vmap("healthmon::record_to")
+    def _record_to_vmap(info, in_dims, x, buffer, slot):
+        _native.record_to(x, buffer, slot)  # the physical tensor, like stats_into
+        return None
 
     @torch.library.register_vmap("healthmon::multi_stats_into")
     def _multi_stats_into_vmap(info, in_dims, xs, records, slots):

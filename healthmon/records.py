@@ -19,6 +19,8 @@ boundary, and a compiled site whose row holds ``numel >= 0`` was written in the 
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -26,6 +28,16 @@ import torch
 from ._layout import NUM_STATS
 from .errors import Anomaly
 from .stacks import StackTable
+
+_KEYS = itertools.count()  # record-buffer keys, unique in the process
+
+
+def _release_keys(registered: Dict[int, torch.Tensor]) -> None:
+    from . import _C
+    for key in list(registered):
+        _C.clear_record_buffer(key)
+    registered.clear()
+
 
 # phases whose records go to the backward buffer
 BACKWARD_PHASES = ("backward", "grad")
@@ -137,9 +149,9 @@ class Recorder:
         self.stacks = StackTable()
         self.has_compiled = False
         self.overflow = 0
-        # buffer tensors that compiled code reads, by a fixed index (a list Dynamo guards on
-        # by position; a buffer that grows replaces its entry)
-        self.traced_tensors: List[torch.Tensor] = []
+        # buffers that compiled code writes, registered natively under a process-wide key
+        # (healthmon::record_to): the key is a constant of the graph, the buffer no argument
+        self._registered: Dict[int, torch.Tensor] = {}  # key -> buffer tensor registered
         self._previous: Dict[DeviceBuffer, torch.Tensor] = {}
         self.label_slots: Dict[DeviceBuffer, set] = {}
         self._traced_keys: Dict[int, int] = {}
@@ -171,19 +183,31 @@ class Recorder:
         return site
 
     def tensor_key(self, buf: DeviceBuffer) -> int:
-        """Index of ``buf``'s tensor in :attr:`traced_tensors` (added on first use)."""
+        """The process-wide key ``buf`` is registered under for ``healthmon::record_to``
+        (registered on first use; released by :meth:`release` or when the recorder dies)."""
         key = self._traced_keys.get(id(buf))
         if key is None:
-            key = self._traced_keys[id(buf)] = len(self.traced_tensors)
-            self.traced_tensors.append(buf.records)
+            key = self._traced_keys[id(buf)] = next(_KEYS)
+            if not self._registered:
+                weakref.finalize(self, _release_keys, self._registered)
+            self._register(key, buf.records)
         return key
 
+    def _register(self, key: int, records: torch.Tensor) -> None:
+        from . import _C
+        _C.set_record_buffer(key, records)
+        self._registered[key] = records
+
     def sync_traced(self) -> None:
-        """Point :attr:`traced_tensors` at the current buffers (after eager growth)."""
+        """Re-register the buffers compiled code writes (after eager growth)."""
         for buf in self.buffers.values():
             key = self._traced_keys.get(id(buf))
-            if key is not None and self.traced_tensors[key] is not buf.records:
-                self.traced_tensors[key] = buf.records
+            if key is not None and self._registered.get(key) is not buf.records:
+                self._register(key, buf.records)
+
+    def release(self) -> None:
+        """Unregister the buffers: graphs traced while watched drop their records from now."""
+        _release_keys(self._registered)
 
     def start_step(self) -> None:
         """Step boundary, after the host copy: mark compiled rows as not written."""

@@ -29,6 +29,21 @@ def _is_machinery(filename: str) -> bool:
                           "/healthmon/__main__.py")) or name.startswith("<frozen runpy")
 
 
+class _CodeRef:
+    """A code object by identity, for stack keys: code that Dynamo generates (resume
+    functions) can hold a dict among its constants, and such a code object has no hash."""
+    __slots__ = ("code", "co_filename", "co_name")
+
+    def __init__(self, code):
+        self.code, self.co_filename, self.co_name = code, code.co_filename, code.co_name
+
+    def __hash__(self) -> int:
+        return id(self.code)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _CodeRef) and other.code is self.code
+
+
 class StackTable:
     """Interning table of captured stacks (one per monitor)."""
 
@@ -70,7 +85,11 @@ class StackTable:
             frame = frame.f_back
             depth -= 1
         key = tuple(key)
-        sid = self._ids.get(key)
+        try:
+            sid = self._ids.get(key)
+        except TypeError:  # a code object Dynamo built holds an unhashable constant
+            key = tuple((_CodeRef(code), line) for code, line in key)
+            sid = self._ids.get(key)
         if sid is None:
             sid = self._intern(key, next(
                 (i for i, (code, _) in enumerate(key) if not _is_machinery(code.co_filename)

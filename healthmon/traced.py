@@ -6,7 +6,9 @@ constants only. Each site's slot and stack are found at trace time by functions 
 ``torch._dynamo.assume_constant_result``, which Dynamo runs for real and bakes into the graph
 as constants; nothing here reads or writes per-step Python state, so the monitor adds no guard,
 no recompile and no graph break. Such records carry no per-step order list: the recorder finds
-them by a written marker (see :mod:`healthmon.records`).
+them by a written marker (see :mod:`healthmon.records`). They write with
+``healthmon::record_to``, which names its buffer by a key instead of taking it as an
+argument: a graph then neither mutates an input nor saves the buffer for its backward.
 
 The functions take the monitor as their first argument and use its recorder (``_rec``), stack
 table, names and parameter tables; this module imports nothing of the monitor.
@@ -83,9 +85,9 @@ def record_forward(mon, index: int, output) -> None:
         grad = t.requires_grad and torch.is_grad_enabled()
         slot, bslot, key, bkey = _traced_site(mon, index, "forward", role, call,
                                               str(t.device), t.dtype, grad)
-        torch.ops.healthmon.stats_into(t.detach(), mon._rec.traced_tensors[key], slot)
+        torch.ops.healthmon.record_to(t.detach(), key, slot)
         if bslot >= 0:
-            t.register_hook(_grad_hook(mon._rec.traced_tensors[bkey], bslot))
+            t.register_hook(_grad_hook(bkey, bslot))
 
 
 def record_inputs(mon, args, kwargs) -> None:
@@ -100,7 +102,7 @@ def record_inputs(mon, args, kwargs) -> None:
             continue
         slot, _, key, _ = _traced_site(mon, -1, "input", role, 0, str(t.device), t.dtype,
                                        False)
-        torch.ops.healthmon.stats_into(t.detach(), mon._rec.traced_tensors[key], slot)
+        torch.ops.healthmon.record_to(t.detach(), key, slot)
 
 
 def record_param_grad(mon, pindex: int, param) -> None:
@@ -112,7 +114,7 @@ def record_param_grad(mon, pindex: int, param) -> None:
         return
     slot, _, key, _ = _traced_site(mon, pindex, "grad", "", 0, str(grad.device), grad.dtype,
                                    False)
-    torch.ops.healthmon.stats_into(grad.detach(), mon._rec.traced_tensors[key], slot)
+    torch.ops.healthmon.record_to(grad.detach(), key, slot)
 
 
 def make_site(mon, module: int, phase: str, role: str, call: int, device: torch.device,
@@ -121,7 +123,7 @@ def make_site(mon, module: int, phase: str, role: str, call: int, device: torch.
 
     Returns:
         ``(slot, gradient slot or -1, buffer key, gradient buffer key or -1)``; keys index
-        the recorder's ``traced_tensors``.
+        the record buffers as registered for ``healthmon::record_to``.
     """
     rec = mon._rec
     if phase == "grad":  # module is a parameter index
@@ -179,10 +181,12 @@ def _traced_site_const(monitor_id: int, module: int, phase: str, role: str, call
                      dtype, grad)
 
 
-def _grad_hook(records: torch.Tensor, slot: int):
+def _grad_hook(key: int, slot: int):
+    # ints only: a tensor the hook closed over would be saved by the compiled graph for its
+    # backward, and several forwards feeding one backward would trip its version check
     def record_grad(grad):
         if grad is not None:
-            torch.ops.healthmon.stats_into(grad.detach(), records, slot)
+            torch.ops.healthmon.record_to(grad.detach(), key, slot)
         # the gradient itself, unchanged: compiled autograd traces a hook's result as the
         # new gradient (None would drop it), eager treats it like None
         return grad

@@ -53,6 +53,11 @@ def record_buffers(mon) -> List[torch.Tensor]:
     return out
 
 
+def traced_buffer_keys(mon) -> List[int]:
+    """The keys under which the monitor registered buffers for compiled code."""
+    return list(mon._rec._traced_keys.values())
+
+
 # ----------------------------------------------------------------- models
 
 class CausalSelfAttention(nn.Module):
@@ -535,6 +540,71 @@ def test_detection_parity_eager_vs_compiled(backend, kind):
                          + "\n            ".join(map(str, got)))
     tol = dict(rtol=1e-5, atol=1e-6) if backend != "inductor" else dict(rtol=1e-3, atol=1e-5)
     assert_rows_close(rows_e, rows_c, **tol)
+
+
+def several_forwards_run(backend: Optional[str], steps: int, schedule: dict,
+                         forwards: int = 3) -> Tuple[List[tuple], int]:
+    """Like an RL policy called once per environment step: ``forwards`` compiled (or eager)
+    forwards of batch 1, summed into one loss, one backward per step. Returns (findings,
+    backward records of the last healthy step)."""
+    torch._dynamo.reset()
+    model = make("mlp")
+    mon = watch(model, on_anomaly="log")
+    fwd = model if backend is None else torch.compile(model, backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        for step in range(steps):
+            where, value = schedule.get(step, (None, 0.0))
+            model.inject.switch(where, value)
+            x, y = batch("mlp", step)
+            loss = sum(loss_of(fwd(x[i:i + 1]), y[i:i + 1]) for i in range(forwards))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    v.copy_(init[k])
+        model.inject.switch(None)
+        mon.check()
+        grads = [r for r in mon.records() if r["phase"] in ("backward", "grad")]
+        return findings(mon), len(grads)
+    finally:
+        mon.remove()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_several_compiled_forwards_feed_one_backward(backend):
+    """Several compiled forwards before one backward (the batch-1 policy): no autograd
+    version-counter error (the graphs neither save nor mutate the record buffers), and
+    NaN / Inf injected forward, into an activation gradient and into a parameter gradient
+    are found at the same step, site, phase and line as eager."""
+    schedule = {1: ("forward", float("nan")), 3: ("backward", float("inf")),
+                5: ("param", float("nan"))}
+    want, eager_grads = several_forwards_run(None, 7, schedule)
+    assert [f[0] for f in want] == [1, 3, 5], want
+    got, compiled_grads = several_forwards_run(backend, 7, schedule)
+    assert got == want, f"compiled {got}\n eager {want}"
+    assert compiled_grads > 0
+
+
+def test_compiled_model_runs_on_after_remove():
+    """After ``remove()`` the compiled model trains on, and a graph that still calls the
+    monitor's record op (traced while watched) writes nothing and raises nothing: the
+    buffers are unregistered."""
+    model = make("mlp")
+    mon = watch(model)
+    fwd = torch.compile(model, backend="aot_eager")
+    train(fwd, model, "mlp", 2)
+    keys = traced_buffer_keys(mon)
+    assert keys, "compiled code registered no record buffer"
+    mon.remove()
+    train(fwd, model, "mlp", 2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for key in keys:
+        torch.ops.healthmon.record_to(torch.full((3,), float("nan")), key, 0)  # dropped
+        with pytest.raises(RuntimeError, match="no record buffer under key"):
+            healthmon._C.registered_buffer(key)
 
 
 def test_sync_mode_compiled_raises_at_same_site():
