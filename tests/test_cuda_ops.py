@@ -280,6 +280,13 @@ def test_opcheck_cuda():
     torch.library.opcheck(native.multi_stats_into, ([x, x.half()], records, [2, 0]))
     torch.library.opcheck(native.label_check, (t, 5, -100))
     torch.library.opcheck(native.label_sanitize, (t, 5, -100))
+    from healthmon import _C
+    key = 1 << 20
+    _C.set_record_buffer(key, records)
+    try:
+        torch.library.opcheck(native.record_to, (x, key, 2))
+    finally:
+        _C.clear_record_buffer(key)
 
 
 # ------------------------------------------------------------------- edge cases (CPU parity)

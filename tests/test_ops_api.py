@@ -27,8 +27,8 @@ def test_layout_matches_compiled_extension():
 
 
 @needs_ext
-@pytest.mark.parametrize("case", ["stats", "stats_into", "multi_stats", "multi_stats_into",
-                                  "label_check", "label_sanitize"])
+@pytest.mark.parametrize("case", ["stats", "stats_into", "record_to", "multi_stats",
+                                  "multi_stats_into", "label_check", "label_sanitize"])
 def test_opcheck(case):
     x = torch.randn(5, 7)
     x[1, 2] = math.nan
@@ -37,6 +37,7 @@ def test_opcheck(case):
     calls = {
         "stats": (torch.ops.healthmon.stats.default, (x,)),
         "stats_into": (torch.ops.healthmon.stats_into.default, (x, records, 1)),
+        "record_to": (torch.ops.healthmon.record_to.default, (x, TEST_KEY, 1)),
         "multi_stats": (torch.ops.healthmon.multi_stats.default, ([x, x.t(), x[0]],)),
         "multi_stats_into": (torch.ops.healthmon.multi_stats_into.default,
                              ([x, x[:2]], records, [3, 0])),
@@ -44,7 +45,38 @@ def test_opcheck(case):
         "label_sanitize": (torch.ops.healthmon.label_sanitize.default, (target, 8, -100)),
     }
     op, args = calls[case]
-    torch.library.opcheck(op, args)
+    from healthmon import _C
+    _C.set_record_buffer(TEST_KEY, torch.zeros(4, NUM_STATS, dtype=torch.float64))
+    try:
+        torch.library.opcheck(op, args)
+    finally:
+        _C.clear_record_buffer(TEST_KEY)
+
+
+TEST_KEY = 1 << 20  # far above the keys monitors take (one per buffer, counted from 0)
+
+
+@needs_ext
+def test_record_to_writes_the_registered_buffer_only():
+    """record_to(x, key, slot) writes what stats_into writes, into the buffer registered
+    under key; under a key with no buffer (a removed monitor) it is a no-op."""
+    from healthmon import _C
+    x = torch.randn(6, 5)[:, ::2]  # strided
+    x[0, 1] = math.inf
+    want = torch.zeros(3, NUM_STATS, dtype=torch.float64)
+    torch.ops.healthmon.stats_into(x, want, 2)
+    got = torch.zeros(3, NUM_STATS, dtype=torch.float64)
+    _C.set_record_buffer(TEST_KEY, got)
+    try:
+        torch.ops.healthmon.record_to(x.requires_grad_(False), TEST_KEY, 2)
+        assert torch.equal(got, want)
+        assert _C.registered_buffer(TEST_KEY) is not None
+    finally:
+        _C.clear_record_buffer(TEST_KEY)
+    torch.ops.healthmon.record_to(x, TEST_KEY, 0)  # dropped
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="no record buffer under key"):
+        _C.registered_buffer(TEST_KEY)
 
 
 @needs_ext
