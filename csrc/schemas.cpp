@@ -39,8 +39,14 @@ std::mutex& registry_mutex() {
   static auto* mutex = new std::mutex();
   return *mutex;
 }
-std::vector<at::Tensor>& registry() {
-  static auto* buffers = new std::vector<at::Tensor>();
+// A registered buffer and whether records into it are wanted this step (the monitor's
+// cadence: `every=N` switches it per step, so a compiled graph never changes).
+struct Registered {
+  at::Tensor records;
+  bool active = true;
+};
+std::vector<Registered>& registry() {
+  static auto* buffers = new std::vector<Registered>();
   return *buffers;
 }
 
@@ -49,26 +55,35 @@ void set_record_buffer(int64_t key, at::Tensor records) {
   std::lock_guard<std::mutex> lock(registry_mutex());
   auto& buffers = registry();
   if (static_cast<size_t>(key) >= buffers.size()) buffers.resize(key + 1);
-  buffers[key] = std::move(records);
+  buffers[key].records = std::move(records);
+}
+
+void set_record_active(int64_t key, bool active) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto& buffers = registry();
+  if (key >= 0 && static_cast<size_t>(key) < buffers.size()) buffers[key].active = active;
 }
 
 void clear_record_buffer(int64_t key) {
   std::lock_guard<std::mutex> lock(registry_mutex());
   auto& buffers = registry();
-  if (key >= 0 && static_cast<size_t>(key) < buffers.size()) buffers[key] = at::Tensor();
+  if (key >= 0 && static_cast<size_t>(key) < buffers.size()) buffers[key] = Registered();
 }
 
 at::Tensor registered_buffer(int64_t key) {
   std::lock_guard<std::mutex> lock(registry_mutex());
   auto& buffers = registry();
-  TORCH_CHECK(key >= 0 && static_cast<size_t>(key) < buffers.size() && buffers[key].defined(),
+  TORCH_CHECK(key >= 0 && static_cast<size_t>(key) < buffers.size() &&
+                  buffers[key].records.defined(),
               "healthmon::record_to: no record buffer under key ", key,
               " (never set, or its monitor was removed)");
-  return buffers[key];
+  return buffers[key].records;
 }
 
 // Graphs traced while a monitor watched keep calling this after monitor.remove() (until
 // Dynamo recompiles): their records have nowhere to go and are dropped, the model runs on.
+// A step the cadence skips is skipped here too (a host flag: a CUDA graph replays what it
+// captured, and the decode applies the cadence then).
 void record_to(const at::Tensor& x, int64_t buffer, int64_t slot) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("healthmon::stats_into", "")
@@ -77,7 +92,8 @@ void record_to(const at::Tensor& x, int64_t buffer, int64_t slot) {
   {
     std::lock_guard<std::mutex> lock(registry_mutex());
     auto& buffers = registry();
-    if (buffer >= 0 && static_cast<size_t>(buffer) < buffers.size()) records = buffers[buffer];
+    if (buffer >= 0 && static_cast<size_t>(buffer) < buffers.size() && buffers[buffer].active)
+      records = buffers[buffer].records;
   }
   if (!records.defined()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -124,6 +140,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_record_buffer", &set_record_buffer,
         "register records (float64 [N, fields]) under key for healthmon::record_to",
         pybind11::arg("key"), pybind11::arg("records"));
+  m.def("set_record_active", &set_record_active,
+        "whether record_to writes the buffer under key (the step's cadence)",
+        pybind11::arg("key"), pybind11::arg("active"));
   m.def("clear_record_buffer", &clear_record_buffer, "drop the buffer under key",
         pybind11::arg("key"));
   m.def("registered_buffer", &registered_buffer, "the buffer under key (tests)",

@@ -26,17 +26,24 @@ MAX_ANOMALIES = 1000
 
 class _LazyRows:
     """The decoded step's rows as ``(site, row list)`` pairs, converted on first use (most
-    steps are never looked at: the conversion is the cost of a healthy step)."""
+    steps are never looked at: the conversion is the cost of a healthy step). ``sites`` is
+    the list of sites in execution order, or a function that builds it (a healthy step with
+    compiled records: their execution order costs Python per row, paid only when read)."""
 
     __slots__ = ("_sites", "_hosts", "_rows")
 
     def __init__(self, sites, hosts):
         self._sites, self._hosts, self._rows = sites, hosts, None
 
+    def _site_list(self):
+        if callable(self._sites):
+            self._sites = self._sites()
+        return self._sites
+
     def _materialize(self):
         if self._rows is None:
             lists = {b: h.tolist() for b, h in self._hosts.items()}
-            self._rows = [(s, lists[s.buffer][s.slot]) for s in self._sites]
+            self._rows = [(s, lists[s.buffer][s.slot]) for s in self._site_list()]
             self._hosts = None
         return self._rows
 
@@ -44,7 +51,7 @@ class _LazyRows:
         return iter(self._materialize())
 
     def __len__(self):
-        return len(self._sites)
+        return len(self._site_list())
 
     def __getitem__(self, i):
         return self._materialize()[i]
@@ -76,23 +83,36 @@ class Decoder:
         hosts = self._rec.host_tensors()
         flagged = self._rec.flagged(hosts)
         first: Optional[Anomaly] = None if partial else step.anomaly
+        healthy = first is None and not any(flagged.values())
+        # (a compiled graph is the same every step: the record op skips the steps the
+        # cadence skips, and only a CUDA graph replay records them anyway; the decode
+        # judges active steps only)
+        compiled = self._rec.has_compiled and step.active
+        if partial and healthy:  # nothing to report before the update
+            step.decoded = len(step.order)
+            step.compiled_decoded = step.compiled_decoded or compiled
+            return
         prev_bwd = None
         done = 0 if partial else step.decoded
         order = step.order[step.decoded:] if partial else step.order
         if partial:
             step.decoded += len(order)
         compiled_done = step.compiled_decoded and not partial
-        if self._rec.has_compiled and step.active and not (partial and step.compiled_decoded):
-            # (compiled code records every step: its cadence is applied here, so the
-            # graph never depends on the step number)
+        view = []  # (site, stack id) of the rows the sinks see, in execution order
+        if healthy and not partial:
+            # the healthy step (the common case): nothing to judge, no Python per row; the
+            # execution order is built only if the rows are read (sinks, rules, records())
+            if compiled and not order and not self._rec.any_compiled_written(hosts):
+                return  # nothing ran in this step
+            eager = order
+            view = (lambda: [site for site, _ in merge_order(eager, self._rec.compiled_written(
+                kept)) if site.phase != "label"]) if compiled else \
+                [site for site, _ in order if site.phase != "label"]
+            order = ()
+        elif compiled and not (partial and step.compiled_decoded):
             order = merge_order(order, self._rec.compiled_written(hosts))
             step.compiled_decoded = step.compiled_decoded or partial
-        view = []  # (site, stack id) of the rows the sinks see, in execution order
         eager_seen = 0
-        if first is None and not any(flagged.values()):
-            # the healthy step (the common case): nothing to judge, no Python per row
-            view = [site for site, _ in order if site.phase != "label"]
-            order = ()
         for site, sid in order:
             if site.compiled:
                 if compiled_done:

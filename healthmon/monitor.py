@@ -846,6 +846,7 @@ class Monitor(Decoder):
     def _new_step(self, index: int) -> None:
         self.step_index = index
         self._cur = Step(index, index % self.config.every == 0)
+        self._rec.set_active(self._cur.active)
         self._calls = [0] * len(self._modules)
         self._seen = {}
 

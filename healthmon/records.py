@@ -62,7 +62,6 @@ class Site:
         self.dtype, self.buffer, self.compiled, self.seq, self.sid = \
             dtype, buffer, compiled, seq, sid
         self.last_healthy = None
-        self.dtype = dtype  # of the site's first tensor: overflow headroom (healthmon.rules)
 
 
 class DeviceBuffer:
@@ -152,9 +151,13 @@ class Recorder:
         # buffers that compiled code writes, registered natively under a process-wide key
         # (healthmon::record_to): the key is a constant of the graph, the buffer no argument
         self._registered: Dict[int, torch.Tensor] = {}  # key -> buffer tensor registered
+        self._active = True  # compiled code records in the current step (set_active)
         self._previous: Dict[DeviceBuffer, torch.Tensor] = {}
         self.label_slots: Dict[DeviceBuffer, set] = {}
         self._traced_keys: Dict[int, int] = {}
+        self._compiled_for = -1  # number of sites when the compiled order was cached
+        self._compiled_order: List[Site] = []
+        self._compiled_slots: Dict[DeviceBuffer, torch.Tensor] = {}
         self._allow_inf = allow_inf
 
     def buffer(self, device: torch.device, backward: bool) -> DeviceBuffer:
@@ -196,6 +199,7 @@ class Recorder:
     def _register(self, key: int, records: torch.Tensor) -> None:
         from . import _C
         _C.set_record_buffer(key, records)
+        _C.set_record_active(key, self._active)
         self._registered[key] = records
 
     def sync_traced(self) -> None:
@@ -204,6 +208,15 @@ class Recorder:
             key = self._traced_keys.get(id(buf))
             if key is not None and self._registered.get(key) is not buf.records:
                 self._register(key, buf.records)
+
+    def set_active(self, active: bool) -> None:
+        """Whether compiled code records in this step (the cadence, as a native flag the
+        record op reads: the graph stays the same every step)."""
+        if self._registered and active != self._active:
+            from . import _C
+            for key in self._registered:
+                _C.set_record_active(key, active)
+        self._active = active
 
     def release(self) -> None:
         """Unregister the buffers: graphs traced while watched drop their records from now."""
@@ -235,6 +248,9 @@ class Recorder:
         buffer, so a healthy step costs no Python per row."""
         out = {}
         for buf, h in hosts.items():
+            if not bool(h[:, 1:4].any()):  # the healthy buffer: one test
+                out[buf] = set()
+                continue
             first = set((h[:, 1] != 0).nonzero().flatten().tolist())
             other = (h[:, 2:4] != 0).any(1).nonzero().flatten().tolist()
             labels = self.label_slots.get(buf)
@@ -259,16 +275,36 @@ class Recorder:
             return None
         return row
 
+    def _compiled_sites(self) -> List[Site]:
+        """Compiled sites in execution order: forward-side sites in trace order,
+        backward-side sites in reverse trace order (autograd runs the graph backwards).
+        Cached until a site is added."""
+        if self._compiled_for != len(self.sites):
+            sites = [s for s in self.sites.values() if s.compiled]
+            sites.sort(key=lambda s: (PHASE_RANK.get(s.phase, 9),
+                                      -s.seq if s.phase in BACKWARD_PHASES else s.seq))
+            self._compiled_order = sites
+            self._compiled_slots = {
+                buf: torch.tensor([s.slot for s in sites if s.buffer is buf], dtype=torch.long)
+                for buf in self.buffers.values()}
+            self._compiled_for = len(self.sites)
+        return self._compiled_order
+
     def compiled_written(self, hosts: Dict[DeviceBuffer, torch.Tensor]) -> List[Site]:
-        """Compiled sites written in the decoded step, in execution order: forward-side
-        sites in trace order, backward-side sites in reverse trace order (autograd runs the
-        graph backwards)."""
+        """Compiled sites written in the decoded step, in execution order."""
+        sites = self._compiled_sites()
         numel = {b: h[:, 0].tolist() for b, h in hosts.items()}
-        written = [s for s in self.sites.values() if s.compiled and s.buffer in numel
-                   and numel[s.buffer][s.slot] >= 0]
-        written.sort(key=lambda s: (PHASE_RANK.get(s.phase, 9),
-                                    -s.seq if s.phase in BACKWARD_PHASES else s.seq))
-        return written
+        return [s for s in sites if s.buffer in numel and numel[s.buffer][s.slot] >= 0]
+
+    def any_compiled_written(self, hosts: Dict[DeviceBuffer, torch.Tensor]) -> bool:
+        """Whether compiled code wrote any row in the decoded step (one vectorised test
+        per buffer)."""
+        self._compiled_sites()
+        for buf, slots in self._compiled_slots.items():
+            h = hosts.get(buf)
+            if h is not None and slots.numel() and bool((h[slots, 0] >= 0).any()):
+                return True
+        return False
 
     def nbytes(self) -> int:
         return sum(b.records.numel() * b.records.element_size() for b in self.buffers.values())

@@ -53,6 +53,12 @@ def record_buffers(mon) -> List[torch.Tensor]:
     return out
 
 
+def compiled_slots(mon, key: int) -> List[int]:
+    """Rows of compiled sites in the buffer registered under ``key``."""
+    buf = healthmon._C.registered_buffer(key)
+    return [s.slot for s in mon._rec.sites.values() if s.compiled and s.buffer.records is buf]
+
+
 def traced_buffer_keys(mon) -> List[int]:
     """The keys under which the monitor registered buffers for compiled code."""
     return list(mon._rec._traced_keys.values())
@@ -457,6 +463,31 @@ def test_cadence_no_recompile_over_50_steps(every):
         assert not mon.anomalies
     finally:
         mon.remove()
+
+
+def test_cadence_skips_the_record_kernels_in_compiled_code():
+    """``every=2`` under compile: in a step the cadence skips, the compiled graph's record
+    op writes nothing (its rows keep the "not written" marker, -1): the work is skipped,
+    not just the decode, and the graph is the same."""
+    model = make("mlp")
+    mon = watch(model, every=2)
+    fwd = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    written = []
+    for step in range(4):
+        x, y = batch("mlp", step)
+        loss = loss_of(fwd(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        rows = [healthmon._C.registered_buffer(k)[compiled_slots(mon, k), 0]
+                for k in traced_buffer_keys(mon)]
+        written.append(all(bool((r >= 0).all()) for r in rows if r.numel()))
+        assert any(r.numel() for r in rows)
+        if not written[-1]:
+            assert all(bool((r == -1).all()) for r in rows)
+        opt.step()
+    mon.check()
+    assert written == [True, False, True, False], written
 
 
 # ----------------------------------------------------------------- detection parity
