@@ -94,6 +94,14 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _passes_through(module: nn.Module) -> bool:
+    """A plain ``nn.Sequential`` (not a subclass, no hooks of its own) returns its last
+    module's output, which that module's own hook records: a hook of its own would only
+    cost a call per step (a third of all hook calls in a stack of Sequential blocks)."""
+    return type(module) is nn.Sequential and len(module) > 0 and not module._forward_hooks \
+        and not module._forward_pre_hooks
+
+
 class Monitor(Decoder):
     """Watches modules' inputs, outputs, gradients and parameter gradients.
 
@@ -205,11 +213,13 @@ class Monitor(Decoder):
             return
         import warnings
         warnings.warn(
-            "healthmon: watch() was called on a model whose compiled code (torch.compile) "
-            "already ran; that code does not see hooks added afterwards, so healthmon reset "
-            "Dynamo's caches (torch._dynamo.reset()): the next call recompiles with the "
-            "monitor. To avoid the recompile, call healthmon.watch(model) before the first "
-            "call of the compiled model.", RuntimeWarning, stacklevel=4)
+            "healthmon: watch() was called after compiled code (torch.compile) of this "
+            "model's modules already ran (this model, or another instance of the same "
+            "classes: Dynamo caches code per class and does not guard on hooks); that code "
+            "would not see the monitor's hooks, so healthmon reset Dynamo's caches "
+            "(torch._dynamo.reset()): the next compiled call recompiles, with the monitor. "
+            "To avoid the recompile, call healthmon.watch(model) before the first call of "
+            "any compiled model of these classes.", RuntimeWarning, stacklevel=4)
         torch._dynamo.reset()
 
     def _add_modules(self, root: nn.Module, prefix: str) -> None:
@@ -240,7 +250,9 @@ class Monitor(Decoder):
             self._bwd_cache.append(None)
         for i in range(first, len(self._modules)):
             mod = self._modules[i]
-            if self._drill is None:
+            if i and _passes_through(mod):
+                pass  # its output is its last module's, recorded by that module's hook
+            elif self._drill is None:
                 self._handles.append(mod.register_forward_hook(ForwardHook(self, mod, i)))
             else:  # sync mode: the call's arguments are at hand for a replay
                 self._handles.append(mod.register_forward_hook(

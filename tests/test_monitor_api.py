@@ -316,6 +316,33 @@ def test_containers_repeated_calls_and_unsupported_outputs():
     assert sum(mon.skipped.values()) >= 3 and "skipped" in mon.summary()
 
 
+class SeqSub(nn.Sequential):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_plain_sequential_gets_no_hook_but_loses_no_record():
+    """A plain nn.Sequential inside the model returns its last module's output: it gets no
+    hook of its own (one hook call per step saved), and the records are those of the
+    innermost modules either way; a subclass or a Sequential with its own hooks is hooked."""
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    sub = SeqSub(nn.Linear(4, 4))
+    hooked = nn.Sequential(nn.Linear(4, 4))
+    hooked.register_forward_pre_hook(lambda m, a: None)
+    model = nn.Sequential(inner, sub, hooked, nn.Linear(4, 2))
+    with healthmon.watch(model) as mon:
+        assert not inner._forward_hooks
+        assert sub._forward_hooks and hooked._forward_hooks and model._forward_hooks
+        out = model(torch.randn(3, 4))
+        out.sum().backward()
+        mon.check()
+        sites = {(r["site"], r["phase"], r["role"]) for r in mon.records()}
+    assert ("0.1", "forward", "output") in sites and ("0.1", "backward", "grad_output") in sites
+    assert ("1", "forward", "output") in sites  # the subclass's own output (x * 2)
+    assert not any(r[0] == "0" for r in sites)
+
+
 def test_shared_parameters_and_eval_modes():
     torch.manual_seed(0)
 
