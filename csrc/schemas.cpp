@@ -123,6 +123,10 @@ void multi_record(std::vector<at::Tensor> xs, at::Tensor records, std::vector<in
 
 }  // namespace
 
+namespace healthmon {
+void register_fast_path(pybind11::module& m);  // fast_path.cpp
+}
+
 TORCH_LIBRARY_IMPL(healthmon, CompositeExplicitAutograd, m) {
   m.impl("record_to", &record_to);
 }
@@ -148,6 +152,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("registered_buffer", &registered_buffer, "the buffer under key (tests)",
         pybind11::arg("key"));
   m.attr("LABEL_FIELDS") = pybind11::tuple(label_fields);
+  healthmon::register_fast_path(m);
 #ifdef HEALTHMON_WITH_CUDA
   m.attr("HAS_CUDA") = true;
 #else

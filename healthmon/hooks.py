@@ -160,13 +160,22 @@ class OwnedHook:
 
 
 class ForwardHook(OwnedHook):
-    """Forward hook of watched module ``index``: records its outputs."""
+    """Forward hook of watched module ``index``: records its outputs (the common case in
+    C++, ``monitor._fast``; see :mod:`healthmon.fastpath`)."""
 
-    __slots__ = ()
+    __slots__ = ("fast",)
+
+    def __init__(self, monitor, target, index: int):
+        super().__init__(monitor, target, index)
+        self.fast = monitor._fast.forward if monitor._fast is not None else None
 
     def __call__(self, module, args, output):
         if module is not self.target():
             return Inert.__call__(self, module)  # a shallow copy of the module: not ours
+        # (traced by Dynamo: is_compiling() is a constant there, the C++ call is not traced)
+        if self.fast is not None and not torch.compiler.is_compiling() and \
+                self.fast(self.index, output):
+            return None
         self.monitor._on_forward(self.index, output)
         return None
 

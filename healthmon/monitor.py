@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from . import distributed as _distributed
-from . import drilldown, labels, loss_site, ops, traced
+from . import drilldown, fastpath, labels, loss_site, ops, traced
 from . import rules as _rules
 from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
@@ -158,12 +158,16 @@ class Monitor(Decoder):
         self._opt_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._opt_stepped = False  # an optimizer holding watched parameters has stepped
         self._cur = Step(0, True)
+        self._fast = None  # healthmon._C.FastPath, or None (sync mode, no extension)
         self._external_steps = False  # set_step() called: a trainer numbers the steps
         self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
         self._drill: Optional[drilldown.Drilldown] = None  # sync mode: exact-op search
         _distributed.agree_settings(config)  # a collective on every rank, also when off
         if not config.enabled:
             return
+        # the eager hot path in C++ (csrc/fast_path.cpp); async mode only: sync checks
+        # every record in Python
+        self._fast = fastpath.create(self) if not config.sync else None
         if config.log:
             self.sinks.append(_distributed.jsonl_sink(config.log))  # one file per rank
         self._attach(roots)
@@ -310,6 +314,8 @@ class Monitor(Decoder):
         self._removed = True
         self._detach()
         self._rec.release()
+        if self._fast is not None:
+            self._fast.disable()
         self._seen.clear()
         self._grad_queue.clear()
         call_sinks(self.sinks, "close")
@@ -496,6 +502,8 @@ class Monitor(Decoder):
             fn.register_prehook(_GradHook(self, index, "grad_output", 0, sid, t.output_nr,
                                           self._bwd_cache[index]))
         seen[key] = (weakref.ref(t), True, want_bwd)
+        if self._fast is not None:
+            fastpath.prime_forward(self, index, site, sid)
 
     def _on_forward_general(self, index: int, t, sid: int) -> None:
         # an inner module recorded this tensor's forward without a gradient hook
@@ -522,7 +530,15 @@ class Monitor(Decoder):
                                           hook.role, hook.call, grad.device, grad.dtype)
             if hook.role == "grad_output" and not hook.call:
                 self._bwd_cache[hook.index] = site  # the next steps' hooks start with it
+                if self._fast is not None:
+                    fastpath.prime_backward(self, hook.index, site)
         self._record_ok(grad, 0, "", "", "", 0, hook.sid, site)
+
+    def _grad_fallback(self, index: int, sid: int, grad: torch.Tensor) -> None:
+        """A gradient the C++ hook of a fast-path output does not record itself (a new
+        dtype or device, a subclass): the Python path, as if its hook had been ours."""
+        self._on_grad(_GradHook(self, index, "grad_output", 0, sid, 0, self._bwd_cache[index]),
+                      grad)
 
     def _on_param_grad(self, pindex: int, param) -> None:
         if self._removed:
@@ -861,6 +877,9 @@ class Monitor(Decoder):
         self._rec.set_active(self._cur.active)
         self._calls = [0] * len(self._modules)
         self._seen = {}
+        if self._fast is not None:
+            self._fast.begin_step(self._cur.order, self._calls, self._seen, self._cur,
+                                  self._cur.active and not self._rec.has_compiled)
 
     def _end_step(self, apply_policy: bool = True, next_index: Optional[int] = None,
                   force: bool = False) -> None:

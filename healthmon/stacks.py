@@ -57,6 +57,12 @@ class StackTable:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def recheck_frames(self, sid: int):
+        """What :meth:`capture` compares to reuse stack ``sid``: ``(index of its first user
+        frame, [(code, line)] of the :data:`RECHECK` frames from there)``."""
+        start = self._user_start[sid]
+        return start, list(self._keys[sid][start:start + RECHECK])
+
     def capture(self, skip: int = 1, hint: int = -1) -> int:
         """Id of the current Python stack, starting ``skip`` frames above the caller.
 

@@ -126,6 +126,8 @@ def make_site(mon, module: int, phase: str, role: str, call: int, device: torch.
         the record buffers as registered for ``healthmon::record_to``.
     """
     rec = mon._rec
+    if mon._fast is not None:  # the eager fast path knows nothing of traced records
+        mon._fast.set_enabled(False)
     if phase == "grad":  # module is a parameter index
         pindex = module
         module, _ = mon._param_sites[pindex]

@@ -1,0 +1,302 @@
+// The monitor's eager hot path in C++ (healthmon._C.FastPath): the common case of a watched
+// module's forward hook (its first call in the step returned one plain tensor, from the same
+// two user frames as last time) and the gradient of that output, without Python bytecode.
+//
+// It does exactly what healthmon/monitor.py's Monitor._forward_tensor / _on_grad do for that
+// case, on the monitor's own Python objects (the step's order list, call counts, the
+// seen-tensor dict, the Step), so the Python slow path and this one interleave freely. Any
+// other case (first call of a site, another dtype or device, a tensor subclass or functorch
+// wrapper, a stack that changed, recomputation in backward, sync mode, compiled code) returns
+// false before any side effect and the Python path handles it.
+//
+// Python-aware glue (torch's Python headers): not part of the torch-free kernels.
+#include <torch/extension.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <frameobject.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <memory>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace healthmon {
+namespace {
+
+// One watched module: its single-tensor output site and that output's gradient site.
+struct ModuleCache {
+  bool forward_ready = false;
+  py::object buffer;       // records.DeviceBuffer (its .records may be replaced on growth)
+  int64_t slot = 0;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  c10::Device device{c10::kCPU};
+  py::object order_entry;  // the (site, stack id) tuple the step's order gets
+  int64_t sid = -1;
+  py::object sid_obj;      // the same id as a Python int (the module's stack id)
+  int user_start = 0;      // frames between the hook's caller and the first user frame
+  std::vector<std::pair<PyObject*, int>> frames;  // (code, line) of the re-checked frames
+  py::list codes;          // keeps those code objects alive
+
+  bool backward_ready = false;
+  py::object bwd_site;
+  py::object bwd_buffer;
+  int64_t bwd_slot = 0;
+  c10::ScalarType bwd_dtype = c10::ScalarType::Float;
+  c10::Device bwd_device{c10::kCPU};
+};
+
+struct State {
+  bool alive = true;     // the monitor is not removed
+  bool enabled = false;  // this step takes the fast path (async, active, no compiled code)
+  std::vector<ModuleCache> modules;
+  py::object order;      // list: the step's (site, stack id) records in execution order
+  py::object calls;      // list of int: calls of each module in the step
+  py::object seen;       // dict: id(tensor) -> (weakref, recorded forward, hooked backward)
+  py::object step;       // records.Step (its .backward is set by a gradient)
+  py::object grad_fallback;  // Python: (index, sid, grad) -> None, the slow gradient path
+  py::object mod_stack;  // list of int: each module's last stack id (parameter records)
+};
+
+bool plain_dense(const at::Tensor& t) {
+  // subclasses (Python key), functorch wrappers and functional tensors go the Python way
+  static const c10::DispatchKeySet wrapped({c10::DispatchKey::Python,
+                                            c10::DispatchKey::FuncTorchBatched,
+                                            c10::DispatchKey::FuncTorchGradWrapper,
+                                            c10::DispatchKey::Functionalize});
+  return t.layout() == c10::kStrided && !t.is_nested() &&
+         !t.unsafeGetTensorImpl()->key_set().has_any(wrapped);
+}
+
+void record_into(const at::Tensor& x, const py::object& buffer, int64_t slot) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("healthmon::stats_into", "")
+                       .typed<void(const at::Tensor&, at::Tensor&, int64_t)>();
+  static PyObject* records_attr = PyUnicode_InternFromString("records");  // never freed
+  py::object records_obj = py::reinterpret_steal<py::object>(
+      PyObject_GetAttr(buffer.ptr(), records_attr));
+  if (!records_obj) throw py::error_already_set();
+  at::Tensor records = THPVariable_Unpack(records_obj.ptr());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.call(x, records, slot);
+}
+
+// The gradient of a fast-path output: recorded by this node pre-hook (no Python object,
+// no RemovableHandle). Holds the monitor's state weakly: a graph outliving the monitor
+// records nothing.
+class GradRecord : public torch::autograd::FunctionPreHook {
+ public:
+  GradRecord(std::weak_ptr<State> state, int64_t index, int64_t sid, uint32_t output_nr)
+      : state_(std::move(state)), index_(index), sid_(sid), output_nr_(output_nr) {}
+
+  torch::autograd::variable_list operator()(
+      const torch::autograd::variable_list& grads) override {
+    if (output_nr_ >= grads.size() || !grads[output_nr_].defined()) return grads;
+    const at::Tensor& g = grads[output_nr_];
+    py::gil_scoped_acquire gil;
+    auto st = state_.lock();
+    if (!st || !st->alive) return grads;
+    ModuleCache& c = st->modules[index_];
+    if (!c.backward_ready || !plain_dense(g) || g.scalar_type() != c.bwd_dtype ||
+        g.device() != c.bwd_device) {
+      st->grad_fallback(index_, sid_, py::reinterpret_steal<py::object>(THPVariable_Wrap(g)));
+      return grads;
+    }
+    static PyObject* backward_attr = PyUnicode_InternFromString("backward");  // never freed
+    if (PyObject_SetAttr(st->step.ptr(), backward_attr, Py_True) < 0)
+      throw py::error_already_set();
+    record_into(g, c.bwd_buffer, c.bwd_slot);
+    py::tuple entry = py::make_tuple(c.bwd_site, sid_);
+    if (PyList_Append(st->order.ptr(), entry.ptr()) < 0) throw py::error_already_set();
+    return grads;
+  }
+
+ private:
+  std::weak_ptr<State> state_;
+  int64_t index_;
+  int64_t sid_;
+  uint32_t output_nr_;
+};
+
+// Whether the caller's stack still matches the module's cached one on the re-checked user
+// frames. The current frame is the Python hook that called us; its caller is frame 0 of
+// the cached stack.
+bool same_stack(const ModuleCache& c) {
+  PyFrameObject* f = PyEval_GetFrame();  // borrowed
+  if (f == nullptr) return false;
+  Py_INCREF(f);
+  for (int i = 0; i <= c.user_start && f != nullptr; ++i) {
+    PyFrameObject* back = PyFrame_GetBack(f);
+    Py_DECREF(f);
+    f = back;
+  }
+  bool same = true;
+  for (const auto& [code, line] : c.frames) {
+    if (f == nullptr) {
+      same = false;
+      break;
+    }
+    PyCodeObject* fc = PyFrame_GetCode(f);
+    same = reinterpret_cast<PyObject*>(fc) == code && PyFrame_GetLineNumber(f) == line;
+    Py_DECREF(fc);
+    if (!same) break;
+    PyFrameObject* back = PyFrame_GetBack(f);
+    Py_DECREF(f);
+    f = back;
+  }
+  Py_XDECREF(f);
+  return same;
+}
+
+class FastPath {
+ public:
+  FastPath(size_t modules, py::object grad_fallback, py::object mod_stack)
+      : state_(std::make_shared<State>()) {
+    state_->modules.resize(modules);
+    state_->grad_fallback = std::move(grad_fallback);
+    state_->mod_stack = std::move(mod_stack);
+  }
+
+  // A new step (or segment): the monitor's per-step objects, and whether to take the path.
+  void begin_step(py::object order, py::object calls, py::object seen, py::object step,
+                  bool enabled) {
+    State& st = *state_;
+    st.order = std::move(order);
+    st.calls = std::move(calls);
+    st.seen = std::move(seen);
+    st.step = std::move(step);
+    st.enabled = enabled && st.alive;
+  }
+
+  void set_enabled(bool enabled) { state_->enabled = enabled && state_->alive; }
+
+  // The monitor is removed: gradients of graphs still alive record nothing.
+  void disable() {
+    state_->alive = false;
+    state_->enabled = false;
+  }
+
+  void add_modules(size_t modules) {
+    if (modules > state_->modules.size()) state_->modules.resize(modules);
+  }
+
+  void prime_forward(int64_t index, py::object site, py::object buffer, int64_t slot,
+                     py::object dtype, py::object device, int64_t sid, int user_start,
+                     py::list frames) {
+    ModuleCache& c = module(index);
+    c.buffer = std::move(buffer);
+    c.slot = slot;
+    c.dtype = torch::python::detail::py_object_to_dtype(dtype);
+    c.device = torch::python::detail::py_object_to_device(device);
+    c.order_entry = py::make_tuple(site, sid);
+    c.sid = sid;
+    c.sid_obj = py::int_(sid);
+    c.user_start = user_start;
+    c.frames.clear();
+    c.codes = py::list();
+    for (auto item : frames) {
+      auto pair = item.cast<py::tuple>();
+      c.codes.append(pair[0]);
+      c.frames.emplace_back(pair[0].ptr(), pair[1].cast<int>());
+    }
+    c.forward_ready = true;
+  }
+
+  void prime_backward(int64_t index, py::object site, py::object buffer, int64_t slot,
+                      py::object dtype, py::object device) {
+    ModuleCache& c = module(index);
+    c.bwd_site = std::move(site);
+    c.bwd_buffer = std::move(buffer);
+    c.bwd_slot = slot;
+    c.bwd_dtype = torch::python::detail::py_object_to_dtype(dtype);
+    c.bwd_device = torch::python::detail::py_object_to_device(device);
+    c.backward_ready = true;
+  }
+
+  // The forward hook of module `index` returned `output`: true when handled here.
+  bool forward(int64_t index, py::handle output) {
+    State& st = *state_;
+    if (!st.enabled || index < 0 || static_cast<size_t>(index) >= st.modules.size())
+      return false;
+    PyObject* out = output.ptr();
+    if (!THPVariable_CheckExact(out)) return false;
+    ModuleCache& c = st.modules[index];
+    if (!c.forward_ready) return false;
+    PyObject* calls = st.calls.ptr();
+    PyObject* mod_stack = st.mod_stack.ptr();
+    if (index >= PyList_GET_SIZE(mod_stack)) return false;
+    if (index >= PyList_GET_SIZE(calls) || PyLong_AsLong(PyList_GET_ITEM(calls, index)) != 0)
+      return false;  // a later call of the module in this step: its own site, in Python
+    if (torch::autograd::get_current_graph_task_id() >= 0)
+      return false;  // recomputation (activation checkpointing) inside backward
+    const at::Tensor& t = THPVariable_Unpack(out);
+    if (!plain_dense(t) || t.scalar_type() != c.dtype || t.device() != c.device) return false;
+    if (!same_stack(c)) return false;
+    const bool want_bwd = t.grad_fn() != nullptr && c10::GradMode::is_enabled();
+
+    py::object key = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(out));
+    PyObject* entry = PyDict_GetItem(st.seen.ptr(), key.ptr());  // borrowed
+    if (entry != nullptr && PyWeakref_GetObject(PyTuple_GET_ITEM(entry, 0)) == out) {
+      // an inner module returned this very tensor: recorded there, unless its gradient
+      // still needs a hook (the Python path adds it)
+      if (!(PyObject_IsTrue(PyTuple_GET_ITEM(entry, 2)) || !want_bwd)) return false;
+      set_called(index);
+      return true;
+    }
+    if (want_bwd && !c.backward_ready) return false;  // the gradient site is not known yet
+
+    set_called(index);
+    record_into(t, c.buffer, c.slot);
+    if (PyList_Append(st.order.ptr(), c.order_entry.ptr()) < 0) throw py::error_already_set();
+    if (want_bwd) {
+      t.grad_fn()->add_pre_hook(
+          std::make_unique<GradRecord>(state_, index, c.sid, t.output_nr()));
+    }
+    py::object ref = py::reinterpret_steal<py::object>(PyWeakref_NewRef(out, nullptr));
+    if (!ref) throw py::error_already_set();
+    py::tuple value = py::make_tuple(ref, true, want_bwd);
+    if (PyDict_SetItem(st.seen.ptr(), key.ptr(), value.ptr()) < 0)
+      throw py::error_already_set();
+    return true;
+  }
+
+ private:
+  ModuleCache& module(int64_t index) {
+    TORCH_CHECK(index >= 0, "healthmon: module index must be >= 0");
+    if (static_cast<size_t>(index) >= state_->modules.size())
+      state_->modules.resize(index + 1);
+    return state_->modules[index];
+  }
+
+  // What the Python path does on a module's call: one call counted, its stack id kept.
+  void set_called(int64_t index) {
+    PyList_SetItem(state_->calls.ptr(), index, PyLong_FromLong(1));  // steals the reference
+    PyObject* sid = state_->modules[index].sid_obj.ptr();
+    Py_INCREF(sid);
+    PyList_SetItem(state_->mod_stack.ptr(), index, sid);
+  }
+
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace
+
+void register_fast_path(py::module& m) {
+  py::class_<FastPath>(m, "FastPath",
+                       "The monitor's eager hot path (see csrc/fast_path.cpp)")
+      .def(py::init<size_t, py::object, py::object>(), py::arg("modules"),
+           py::arg("grad_fallback"), py::arg("mod_stack"))
+      .def("begin_step", &FastPath::begin_step)
+      .def("set_enabled", &FastPath::set_enabled)
+      .def("disable", &FastPath::disable)
+      .def("add_modules", &FastPath::add_modules)
+      .def("prime_forward", &FastPath::prime_forward)
+      .def("prime_backward", &FastPath::prime_backward)
+      .def("forward", &FastPath::forward);
+}
+
+}  // namespace healthmon

@@ -1,0 +1,54 @@
+"""The monitor's eager hot path in C++ (``healthmon._C.FastPath``, ``csrc/fast_path.cpp``).
+
+A watched module's forward hook first offers its output to the fast path: when the module's
+first call in the step returned one plain tensor of the dtype and device of its cached site,
+from the same user frames as the cached stack, C++ records it, appends its order entry,
+registers a C++ node pre-hook for its gradient and marks it seen, with no Python bytecode.
+Anything else falls through to :meth:`Monitor._on_forward` (which primes the cache here for
+the next step). The fast path works on the monitor's own per-step objects (order list, call
+counts, seen dict, Step), handed over at every step boundary, so both paths interleave in
+one execution order and the records and findings are the same.
+
+``HEALTHMON_FASTPATH=0`` keeps everything in Python (for benchmarks and bisecting).
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+from . import ops
+
+
+def create(mon):
+    """A ``FastPath`` for monitor ``mon``, or None (no extension, or switched off)."""
+    if not ops.extension_available() or \
+            os.environ.get("HEALTHMON_FASTPATH", "").strip() in ("0", "off"):
+        return None
+    from . import _C
+    ref = weakref.ref(mon)  # the C++ side must not keep the monitor alive
+
+    def grad_fallback(index: int, sid: int, grad) -> None:
+        m = ref()
+        if m is not None:
+            m._grad_fallback(index, sid, grad)
+
+    fast = _C.FastPath(0, grad_fallback, mon._mod_stack)
+    fast.begin_step(mon._cur.order, mon._calls, mon._seen, mon._cur, True)
+    mon._fast_primed = {}
+    return fast
+
+
+def prime_forward(mon, index: int, site, sid: int) -> None:
+    """Module ``index`` recorded its output at ``site`` with stack ``sid`` (slow path): the
+    fast path takes its next calls from the same place."""
+    if mon._fast_primed.get(index) == (site, sid):
+        return
+    start, frames = mon._stacks.recheck_frames(sid)
+    mon._fast.prime_forward(index, site, site.buffer, site.slot, site.dtype, site.device, sid,
+                            start, frames)
+    mon._fast_primed[index] = (site, sid)
+
+
+def prime_backward(mon, index: int, site) -> None:
+    """Module ``index``'s output gradient site (its first, single-tensor output)."""
+    mon._fast.prime_backward(index, site, site.buffer, site.slot, site.dtype, site.device)
