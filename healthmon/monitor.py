@@ -66,6 +66,7 @@ from .records import BACKWARD_PHASES, PHASE_RANK, Recorder, Site, Step, merge_or
 from .sinks import call_sinks
 
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
+MAX_FORWARDS_PER_SEGMENT = 64  # training forwards of one step before a segment is decoded
 _FORWARD_TICKS = [0]
 
 
@@ -400,13 +401,16 @@ class Monitor(Decoder):
         if training and not self._external_steps and not self._opt_stepped and cur.backward:
             self._end_step()
             cur = self._cur
-        elif cur.forward and (not training or not cur.backward):
-            # an evaluation batch inside a step (validation loops), or one more forward
-            # before the step's backward (a policy called once per environment step): the
-            # records so far are decoded as a segment of the same step, so call numbers
-            # (and sites) do not grow with the number of forwards
+        elif cur.forward and (not training or (not cur.backward and
+                                               cur.forwards >= MAX_FORWARDS_PER_SEGMENT)):
+            # an evaluation batch inside a step (validation loops), or many forwards before
+            # the step's backward (a forward-only loop with grad on): the records so far are
+            # decoded as a segment of the same step, so call numbers (and sites) do not grow
+            # with the number of forwards. A few forwards before one backward (a policy
+            # called once per environment step) are calls 0, 1, ... of one step.
             self._end_step(next_index=cur.index)
             cur = self._cur
+        cur.forwards += 1
         cur.forward = True
         cur.train = cur.train or training
         _FORWARD_TICKS[0] += 1

@@ -337,7 +337,7 @@ class Step:
     """Records of one training step in execution order, plus sync-mode and label state."""
 
     __slots__ = ("index", "active", "order", "forward", "backward", "anomaly", "prev_bwd",
-                 "label_calls", "label_meta", "decoded", "partial_reported", "train",
+                 "label_calls", "label_meta", "decoded", "partial_reported", "train", "forwards",
                  "compiled_checked",
                  "compiled_decoded")
 
@@ -346,6 +346,7 @@ class Step:
         self.order: List[Tuple[Site, int]] = []  # (site, stack id) in execution order
         self.forward = False   # a root forward ran in this step
         self.train = False     # ... with grad enabled (evaluation forwards are not steps)
+        self.forwards = 0      # root forwards in this segment
         self.backward = False  # a gradient arrived in this step
         self.anomaly: Optional[Anomaly] = None  # sync mode: first anomaly of the step
         self.prev_bwd = None   # sync mode: last healthy backward record (site, stack id)

@@ -419,3 +419,25 @@ def test_gradient_checkpointing(reentrant):
     assert "gradient of block.lin" in a.role
     lines, start = inspect.getsourcelines(Net.forward)
     assert a.user_frames()[0].lineno == start + 2  # the checkpoint(...) line
+
+
+def test_forwards_before_one_backward_are_one_step_and_sites_stay_bounded():
+    """A policy called 5 times per update is one step (calls 0-4, one per forward), and a
+    forward-only loop with grad enabled decodes segments instead of growing sites."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with healthmon.watch(model) as mon:
+        for _ in range(3):
+            loss = sum(model(torch.randn(1, 4)).sum() for _ in range(5))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert mon.step_index == 3
+        calls = {r["call"] for r in mon.records() if r["site"] == "0"}
+        assert calls == {0, 1, 2, 3, 4}
+        sites = mon.num_sites
+        for _ in range(300):  # grad on, no backward: never a new step, bounded sites
+            model(torch.randn(1, 4))
+        assert mon.num_sites <= sites + 3 * 64 + 8
+        assert mon.check() == []
