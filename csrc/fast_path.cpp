@@ -28,8 +28,9 @@ namespace py = pybind11;
 namespace healthmon {
 namespace {
 
-// One watched module: its single-tensor output site and that output's gradient site.
-struct ModuleCache {
+// One call (0, 1, ... in the step) of a watched module: its single-tensor output site and
+// that output's gradient site.
+struct CallCache {
   bool forward_ready = false;
   py::object buffer;       // records.DeviceBuffer (its .records may be replaced on growth)
   int64_t slot = 0;
@@ -53,12 +54,12 @@ struct ModuleCache {
 struct State {
   bool alive = true;     // the monitor is not removed
   bool enabled = false;  // this step takes the fast path (async, active, no compiled code)
-  std::vector<ModuleCache> modules;
+  std::vector<std::vector<CallCache>> modules;  // [module index][call in the step]
   py::object order;      // list: the step's (site, stack id) records in execution order
   py::object calls;      // list of int: calls of each module in the step
   py::object seen;       // dict: id(tensor) -> (weakref, recorded forward, hooked backward)
   py::object step;       // records.Step (its .backward is set by a gradient)
-  py::object grad_fallback;  // Python: (index, sid, grad) -> None, the slow gradient path
+  py::object grad_fallback;  // Python: (index, call, sid, grad), the slow gradient path
   py::object mod_stack;  // list of int: each module's last stack id (parameter records)
 };
 
@@ -90,8 +91,9 @@ void record_into(const at::Tensor& x, const py::object& buffer, int64_t slot) {
 // records nothing.
 class GradRecord : public torch::autograd::FunctionPreHook {
  public:
-  GradRecord(std::weak_ptr<State> state, int64_t index, int64_t sid, uint32_t output_nr)
-      : state_(std::move(state)), index_(index), sid_(sid), output_nr_(output_nr) {}
+  GradRecord(std::weak_ptr<State> state, int64_t index, int64_t call, int64_t sid,
+             uint32_t output_nr)
+      : state_(std::move(state)), index_(index), call_(call), sid_(sid), output_nr_(output_nr) {}
 
   torch::autograd::variable_list operator()(
       const torch::autograd::variable_list& grads) override {
@@ -100,10 +102,11 @@ class GradRecord : public torch::autograd::FunctionPreHook {
     py::gil_scoped_acquire gil;
     auto st = state_.lock();
     if (!st || !st->alive) return grads;
-    ModuleCache& c = st->modules[index_];
+    CallCache& c = st->modules[index_][call_];
     if (!c.backward_ready || !plain_dense(g) || g.scalar_type() != c.bwd_dtype ||
         g.device() != c.bwd_device) {
-      st->grad_fallback(index_, sid_, py::reinterpret_steal<py::object>(THPVariable_Wrap(g)));
+      st->grad_fallback(index_, call_, sid_,
+                        py::reinterpret_steal<py::object>(THPVariable_Wrap(g)));
       return grads;
     }
     static PyObject* backward_attr = PyUnicode_InternFromString("backward");  // never freed
@@ -118,6 +121,7 @@ class GradRecord : public torch::autograd::FunctionPreHook {
  private:
   std::weak_ptr<State> state_;
   int64_t index_;
+  int64_t call_;
   int64_t sid_;
   uint32_t output_nr_;
 };
@@ -125,7 +129,7 @@ class GradRecord : public torch::autograd::FunctionPreHook {
 // Whether the caller's stack still matches the module's cached one on the re-checked user
 // frames. The current frame is the Python hook that called us; its caller is frame 0 of
 // the cached stack.
-bool same_stack(const ModuleCache& c) {
+bool same_stack(const CallCache& c) {
   PyFrameObject* f = PyEval_GetFrame();  // borrowed
   if (f == nullptr) return false;
   Py_INCREF(f);
@@ -180,14 +184,10 @@ class FastPath {
     state_->enabled = false;
   }
 
-  void add_modules(size_t modules) {
-    if (modules > state_->modules.size()) state_->modules.resize(modules);
-  }
-
-  void prime_forward(int64_t index, py::object site, py::object buffer, int64_t slot,
-                     py::object dtype, py::object device, int64_t sid, int user_start,
-                     py::list frames) {
-    ModuleCache& c = module(index);
+  void prime_forward(int64_t index, int64_t call, py::object site, py::object buffer,
+                     int64_t slot, py::object dtype, py::object device, int64_t sid,
+                     int user_start, py::list frames) {
+    CallCache& c = cache(index, call);
     c.buffer = std::move(buffer);
     c.slot = slot;
     c.dtype = torch::python::detail::py_object_to_dtype(dtype);
@@ -206,9 +206,9 @@ class FastPath {
     c.forward_ready = true;
   }
 
-  void prime_backward(int64_t index, py::object site, py::object buffer, int64_t slot,
-                      py::object dtype, py::object device) {
-    ModuleCache& c = module(index);
+  void prime_backward(int64_t index, int64_t call, py::object site, py::object buffer,
+                      int64_t slot, py::object dtype, py::object device) {
+    CallCache& c = cache(index, call);
     c.bwd_site = std::move(site);
     c.bwd_buffer = std::move(buffer);
     c.bwd_slot = slot;
@@ -224,13 +224,14 @@ class FastPath {
       return false;
     PyObject* out = output.ptr();
     if (!THPVariable_CheckExact(out)) return false;
-    ModuleCache& c = st.modules[index];
-    if (!c.forward_ready) return false;
     PyObject* calls = st.calls.ptr();
-    PyObject* mod_stack = st.mod_stack.ptr();
-    if (index >= PyList_GET_SIZE(mod_stack)) return false;
-    if (index >= PyList_GET_SIZE(calls) || PyLong_AsLong(PyList_GET_ITEM(calls, index)) != 0)
-      return false;  // a later call of the module in this step: its own site, in Python
+    if (index >= PyList_GET_SIZE(calls) || index >= PyList_GET_SIZE(st.mod_stack.ptr()))
+      return false;
+    const long call = PyLong_AsLong(PyList_GET_ITEM(calls, index));
+    auto& module_calls = st.modules[index];
+    if (call < 0 || static_cast<size_t>(call) >= module_calls.size()) return false;
+    CallCache& c = module_calls[call];
+    if (!c.forward_ready) return false;
     if (torch::autograd::get_current_graph_task_id() >= 0)
       return false;  // recomputation (activation checkpointing) inside backward
     const at::Tensor& t = THPVariable_Unpack(out);
@@ -244,17 +245,17 @@ class FastPath {
       // an inner module returned this very tensor: recorded there, unless its gradient
       // still needs a hook (the Python path adds it)
       if (!(PyObject_IsTrue(PyTuple_GET_ITEM(entry, 2)) || !want_bwd)) return false;
-      set_called(index);
+      set_called(index, call, c);
       return true;
     }
     if (want_bwd && !c.backward_ready) return false;  // the gradient site is not known yet
 
-    set_called(index);
+    set_called(index, call, c);
     record_into(t, c.buffer, c.slot);
     if (PyList_Append(st.order.ptr(), c.order_entry.ptr()) < 0) throw py::error_already_set();
     if (want_bwd) {
       t.grad_fn()->add_pre_hook(
-          std::make_unique<GradRecord>(state_, index, c.sid, t.output_nr()));
+          std::make_unique<GradRecord>(state_, index, call, c.sid, t.output_nr()));
     }
     py::object ref = py::reinterpret_steal<py::object>(PyWeakref_NewRef(out, nullptr));
     if (!ref) throw py::error_already_set();
@@ -265,17 +266,18 @@ class FastPath {
   }
 
  private:
-  ModuleCache& module(int64_t index) {
-    TORCH_CHECK(index >= 0, "healthmon: module index must be >= 0");
-    if (static_cast<size_t>(index) >= state_->modules.size())
-      state_->modules.resize(index + 1);
-    return state_->modules[index];
+  CallCache& cache(int64_t index, int64_t call) {
+    TORCH_CHECK(index >= 0 && call >= 0, "healthmon: module index and call must be >= 0");
+    auto& modules = state_->modules;
+    if (static_cast<size_t>(index) >= modules.size()) modules.resize(index + 1);
+    if (static_cast<size_t>(call) >= modules[index].size()) modules[index].resize(call + 1);
+    return modules[index][call];
   }
 
   // What the Python path does on a module's call: one call counted, its stack id kept.
-  void set_called(int64_t index) {
-    PyList_SetItem(state_->calls.ptr(), index, PyLong_FromLong(1));  // steals the reference
-    PyObject* sid = state_->modules[index].sid_obj.ptr();
+  void set_called(int64_t index, long call, const CallCache& c) {
+    PyList_SetItem(state_->calls.ptr(), index, PyLong_FromLong(call + 1));  // steals
+    PyObject* sid = c.sid_obj.ptr();
     Py_INCREF(sid);
     PyList_SetItem(state_->mod_stack.ptr(), index, sid);
   }
@@ -293,7 +295,6 @@ void register_fast_path(py::module& m) {
       .def("begin_step", &FastPath::begin_step)
       .def("set_enabled", &FastPath::set_enabled)
       .def("disable", &FastPath::disable)
-      .def("add_modules", &FastPath::add_modules)
       .def("prime_forward", &FastPath::prime_forward)
       .def("prime_backward", &FastPath::prime_backward)
       .def("forward", &FastPath::forward);

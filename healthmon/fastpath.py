@@ -27,10 +27,10 @@ def create(mon):
     from . import _C
     ref = weakref.ref(mon)  # the C++ side must not keep the monitor alive
 
-    def grad_fallback(index: int, sid: int, grad) -> None:
+    def grad_fallback(index: int, call: int, sid: int, grad) -> None:
         m = ref()
         if m is not None:
-            m._grad_fallback(index, sid, grad)
+            m._grad_fallback(index, call, sid, grad)
 
     fast = _C.FastPath(0, grad_fallback, mon._mod_stack)
     fast.begin_step(mon._cur.order, mon._calls, mon._seen, mon._cur, True)
@@ -38,17 +38,18 @@ def create(mon):
     return fast
 
 
-def prime_forward(mon, index: int, site, sid: int) -> None:
-    """Module ``index`` recorded its output at ``site`` with stack ``sid`` (slow path): the
-    fast path takes its next calls from the same place."""
-    if mon._fast_primed.get(index) == (site, sid):
+def prime_forward(mon, index: int, call: int, site, sid: int) -> None:
+    """Call ``call`` of module ``index`` recorded its output at ``site`` with stack ``sid``
+    (slow path): the fast path takes that call from the same place in the next steps."""
+    if mon._fast_primed.get((index, call)) == (site, sid):
         return
     start, frames = mon._stacks.recheck_frames(sid)
-    mon._fast.prime_forward(index, site, site.buffer, site.slot, site.dtype, site.device, sid,
-                            start, frames)
-    mon._fast_primed[index] = (site, sid)
+    mon._fast.prime_forward(index, call, site, site.buffer, site.slot, site.dtype,
+                            site.device, sid, start, frames)
+    mon._fast_primed[(index, call)] = (site, sid)
 
 
-def prime_backward(mon, index: int, site) -> None:
-    """Module ``index``'s output gradient site (its first, single-tensor output)."""
-    mon._fast.prime_backward(index, site, site.buffer, site.slot, site.dtype, site.device)
+def prime_backward(mon, index: int, call: int, site) -> None:
+    """The gradient site of call ``call`` of module ``index``'s single-tensor output."""
+    mon._fast.prime_backward(index, call, site, site.buffer, site.slot, site.dtype,
+                             site.device)

@@ -95,6 +95,16 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _cached(sites: List[Optional[Site]], call: int) -> Optional[Site]:
+    return sites[call] if call < len(sites) else None
+
+
+def _cache(sites: List[Optional[Site]], call: int, site: Site) -> None:
+    while len(sites) <= call:
+        sites.append(None)
+    sites[call] = site
+
+
 def _passes_through(module: nn.Module) -> bool:
     """A plain ``nn.Sequential`` (not a subclass, no hooks of its own) returns its last
     module's output, which that module's own hook records: a hook of its own would only
@@ -146,8 +156,9 @@ class Monitor(Decoder):
         self._trace = traced.TraceState()
         self._mod_stack: List[int] = []
         self._calls: List[int] = []
-        self._fwd_cache: List[Optional[Site]] = []  # module -> site of its call-0 "output"
-        self._bwd_cache: List[Optional[Site]] = []  # module -> site of its "grad_output"
+        # module -> [site of its call-k single-tensor "output" / its "grad_output"]
+        self._fwd_cache: List[List[Optional[Site]]] = []
+        self._bwd_cache: List[List[Optional[Site]]] = []
         self._param_cache: Dict[str, dict] = {}  # phase -> parameter -> (site, dtype, ...)
         self._seen: Dict[int, tuple] = {}  # id(tensor) -> (weakref, recorded fwd, hooked bwd)
         self._grad_queue: Dict[int, None] = {}
@@ -251,8 +262,8 @@ class Monitor(Decoder):
             self._names.append(name)
             self._mod_stack.append(-1)
             self._calls.append(0)
-            self._fwd_cache.append(None)
-            self._bwd_cache.append(None)
+            self._fwd_cache.append([])
+            self._bwd_cache.append([])
         for i in range(first, len(self._modules)):
             mod = self._modules[i]
             if i and _passes_through(mod):
@@ -445,8 +456,8 @@ class Monitor(Decoder):
             self._calls[index] = call + 1
             sid = self._stacks.capture(2, self._mod_stack[index])
             self._mod_stack[index] = sid
-        if type(output) in _PLAIN and not call and not recompute:
-            self._forward_tensor(index, output, sid)  # the common case: one tensor
+        if type(output) in _PLAIN and not recompute:
+            self._forward_tensor(index, call, output, sid)  # the common case: one tensor
             return
         name = self._names[index]
         grad_on = torch.is_grad_enabled()
@@ -473,8 +484,9 @@ class Monitor(Decoder):
             elif want_bwd or not fwd_done:
                 seen[id(t)] = (entry[0], True, bwd_done or want_bwd)
 
-    def _forward_tensor(self, index: int, t: torch.Tensor, sid: int) -> None:
-        """Hot path: a module's first call in the step returned one plain tensor."""
+    def _forward_tensor(self, index: int, call: int, t: torch.Tensor, sid: int) -> None:
+        """The common case: call ``call`` of a module in the step returned one plain
+        tensor (after a first time, the C++ fast path does this)."""
         if self._rec.has_compiled and type(t) is torch.Tensor and hasattr(t, traced.MARK):
             return  # recorded by the compiled code that produced it
         seen = self._seen
@@ -485,15 +497,15 @@ class Monitor(Decoder):
                                 torch.is_grad_enabled()):
                 return  # an inner module returned the same tensor: recorded there
             return self._on_forward_general(index, t, sid)
-        site = self._fwd_cache[index]
+        site = _cached(self._fwd_cache[index], call)
         if site is None or site.device != t.device or site.dtype != t.dtype:
             reason = unsupported(t)
             if reason is not None:
                 self._skip(reason)
                 return
-            site = self._site(index, self._names[index], "forward", "output", 0,
+            site = self._site(index, self._names[index], "forward", "output", call,
                               t.device, t.dtype)
-            self._fwd_cache[index] = site
+            _cache(self._fwd_cache[index], call, site)
         elif t.layout is not torch.strided or t.is_nested:
             self._skip(unsupported(t) or "unsupported layout")
             return
@@ -503,11 +515,11 @@ class Monitor(Decoder):
         fn = t.grad_fn
         want_bwd = fn is not None and torch.is_grad_enabled()
         if want_bwd:  # a node pre-hook: cheaper than Tensor.register_hook, same gradient
-            fn.register_prehook(_GradHook(self, index, "grad_output", 0, sid, t.output_nr,
-                                          self._bwd_cache[index]))
+            fn.register_prehook(_GradHook(self, index, "grad_output", call, sid, t.output_nr,
+                                          _cached(self._bwd_cache[index], call)))
         seen[key] = (weakref.ref(t), True, want_bwd)
         if self._fast is not None:
-            fastpath.prime_forward(self, index, site, sid)
+            fastpath.prime_forward(self, index, call, site, sid)
 
     def _on_forward_general(self, index: int, t, sid: int) -> None:
         # an inner module recorded this tensor's forward without a gradient hook
@@ -532,17 +544,18 @@ class Monitor(Decoder):
             grad = local_tensor(grad)
             site = hook.site = self._site(hook.index, self._names[hook.index], "backward",
                                           hook.role, hook.call, grad.device, grad.dtype)
-            if hook.role == "grad_output" and not hook.call:
-                self._bwd_cache[hook.index] = site  # the next steps' hooks start with it
+            if hook.role == "grad_output":
+                # the next steps' hooks start with it
+                _cache(self._bwd_cache[hook.index], hook.call, site)
                 if self._fast is not None:
-                    fastpath.prime_backward(self, hook.index, site)
+                    fastpath.prime_backward(self, hook.index, hook.call, site)
         self._record_ok(grad, 0, "", "", "", 0, hook.sid, site)
 
-    def _grad_fallback(self, index: int, sid: int, grad: torch.Tensor) -> None:
+    def _grad_fallback(self, index: int, call: int, sid: int, grad: torch.Tensor) -> None:
         """A gradient the C++ hook of a fast-path output does not record itself (a new
         dtype or device, a subclass): the Python path, as if its hook had been ours."""
-        self._on_grad(_GradHook(self, index, "grad_output", 0, sid, 0, self._bwd_cache[index]),
-                      grad)
+        self._on_grad(_GradHook(self, index, "grad_output", call, sid, 0,
+                                _cached(self._bwd_cache[index], call)), grad)
 
     def _on_param_grad(self, pindex: int, param) -> None:
         if self._removed:
