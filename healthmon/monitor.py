@@ -160,6 +160,7 @@ class Monitor(Decoder):
         self._fwd_cache: List[List[Optional[Site]]] = []
         self._bwd_cache: List[List[Optional[Site]]] = []
         self._param_cache: Dict[str, dict] = {}  # phase -> parameter -> (site, dtype, ...)
+        self._param_plans: Dict[str, tuple] = {}  # phase -> the last batch's plan
         self._seen: Dict[int, tuple] = {}  # id(tensor) -> (weakref, recorded fwd, hooked bwd)
         self._grad_queue: Dict[int, None] = {}
         self._callback_queued = False
@@ -588,9 +589,51 @@ class Monitor(Decoder):
         """Record the queued parameter gradients: one multi-tensor op per device."""
         self._callback_queued = False
         if not self._removed and self._grad_queue:
-            self._record_param_tensors(
-                "grad", ((i, self._params[i].grad) for i in self._grad_queue), None)
+            pindexes = list(self._grad_queue)
+            params = self._params
+            self._record_param_batch("grad", pindexes, [params[i].grad for i in pindexes],
+                                     None)
         self._grad_queue.clear()
+
+    def _record_param_batch(self, phase: str, pindexes: List[int], tensors: list,
+                            sid: Optional[int]) -> None:
+        """:meth:`_record_param_tensors` of ``tensors`` (of parameters ``pindexes``, None
+        allowed), with a plan for the common case: the same parameters as last time, plain
+        tensors of the same dtypes and devices (one comparison of their metadata, then one
+        native call per buffer and no Python per parameter)."""
+        plan = self._param_plans.get(phase)
+        if plan is not None and plan[0] == pindexes:
+            try:
+                same = [(t.dtype, t.device) for t in tensors] == plan[1] and \
+                    all(type(t) in _PLAIN for t in tensors)
+            except AttributeError:  # a parameter without a gradient this time
+                same = False
+            if same:
+                for buf, positions, slots in plan[2]:
+                    ops.multi_record_unchecked([tensors[i] for i in positions], buf.records,
+                                               slots)
+                mod_stack = self._mod_stack
+                added = [(site, mod_stack[m]) for site, m in plan[3]] if sid is None else \
+                    [(site, sid) for site, _ in plan[3]]
+                self._cur.order.extend(added)
+                if self.config.sync:
+                    for site, site_sid in added:
+                        self._check_now(site, site_sid)
+                return
+        self._record_param_tensors(phase, zip(pindexes, tensors), sid)
+        cache = self._param_cache.get(phase, {})
+        entries = [cache.get(i) for i in pindexes]
+        if all(e is not None and t is not None and type(t) in _PLAIN and e[1] is t.dtype
+               and e[2] == t.device for e, t in zip(entries, tensors)):
+            groups: Dict[object, Tuple[list, list]] = {}
+            for pos, e in enumerate(entries):
+                positions, slots = groups.setdefault(e[0].buffer, ([], []))
+                positions.append(pos)
+                slots.append(e[0].slot)
+            self._param_plans[phase] = (
+                list(pindexes), [(t.dtype, t.device) for t in tensors],
+                [(buf, positions, slots) for buf, (positions, slots) in groups.items()],
+                [(e[0], e[3]) for e in entries])
 
     def _record_param_tensors(self, phase: str, items, sid: Optional[int]) -> None:
         """Record ``(parameter index, tensor)`` pairs (gradients or weights) as ``phase``
@@ -705,7 +748,8 @@ class Monitor(Decoder):
         """Phase ``param``: every watched parameter as the step ends (after the optimizer's
         update when the boundary is its step hook): one multi-tensor op per device.
         Diverging weights show here before they poison the next forward."""
-        self._record_param_tensors("param", enumerate(self._params), self._stacks.capture(2))
+        self._record_param_batch("param", list(range(len(self._params))), self._params,
+                                 self._stacks.capture(2))
 
     def _optimizer_owns(self, optimizer) -> bool:
         groups = optimizer.param_groups

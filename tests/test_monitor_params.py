@@ -47,3 +47,39 @@ def test_weights_broken_by_the_update_are_reported_as_param_with_the_step_line()
     assert (a.site, a.phase, a.role, a.step) == ("0", "param", "weight", 2)
     assert a.stats.nonfinite > 0
     assert any("opt.step()" in (fr.line or "") for fr in a.user_frames())
+
+
+def test_every_step_records_each_parameter_and_gradient_in_its_own_slot():
+    """From the second step on, parameters and gradients take the cached plan (one native
+    call per buffer): each record must still hold its own tensor's statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2, bias=False))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+
+    class Keep:
+        def write_step(self, step, rows):
+            seen.append(rows)
+
+        def write_anomaly(self, anomaly):
+            pass
+
+        def close(self):
+            pass
+
+    with healthmon.watch(model, sinks=[Keep()]) as mon:
+        for step in range(4):
+            model(torch.randn(3, 6)).pow(2).mean().backward()
+            grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters()}
+            opt.step()
+            weights = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+            opt.zero_grad()
+            mon.check()
+            rows = seen[-1]
+            for phase, truth in (("grad", grads), ("param", weights)):
+                got = {f'{r["site"]}.{r["role"]}': r for r in rows if r["phase"] == phase}
+                assert sorted(got) == sorted(truth), (step, phase)
+                for name, t in truth.items():
+                    assert got[name]["norm"] == pytest.approx(t.norm().item(), rel=1e-5)
+                    assert got[name]["sum"] == pytest.approx(t.sum().item(), rel=1e-5,
+                                                              abs=1e-6)
