@@ -21,6 +21,8 @@ from typing import List
 
 import torch
 
+from .hooks import skip_when_eager
+
 _owners: list = []  # live monitors, most recent last
 _originals: dict = {}
 _state = threading.local()  # depth: Tensor.backward calls torch.autograd.backward
@@ -41,6 +43,7 @@ def _tensors(obj) -> List[torch.Tensor]:
     return []
 
 
+@skip_when_eager  # run eagerly inside a compiled function (its backward is a graph break)
 def _record(tensors) -> None:
     if getattr(_state, "depth", 0) or not _owners or torch.compiler.is_compiling() \
             or torch._C._current_graph_task_id() >= 0:

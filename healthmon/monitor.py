@@ -62,7 +62,7 @@ from .errors import Anomaly
 from .hooks import (ForwardHook, ParamHook, ReplayableForwardHook, RootPreHook, local_tensor,
                     record_parts, skip_when_eager, unsupported, walk)
 from .decode import Decoder
-from .records import BACKWARD_PHASES, PHASE_RANK, Recorder, Site, Step, merge_order
+from .records import PHASE_RANK, Recorder, Site, Step, execution_key, merge_order
 from .sinks import call_sinks
 
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
@@ -531,6 +531,9 @@ class Monitor(Decoder):
     def _on_grad(self, hook: "_GradHook", grad) -> None:
         if self._removed or grad is None:
             return
+        if _is_compiling():  # compiled autograd traces this hook of an eager forward
+            traced.record_output_grad(self, hook.index, hook.role, hook.call, hook.sid, grad)
+            return
         self._cur.backward = True
         if type(grad) not in _PLAIN:  # a subclass: one row per inner tensor
             self._record(grad, hook.index, self._names[hook.index], "backward", hook.role,
@@ -791,9 +794,7 @@ class Monitor(Decoder):
         if not todo:
             return
         rows = {}
-        for site in sorted(todo, key=lambda s: (PHASE_RANK.get(s.phase, 9),
-                                                -s.seq if s.phase in BACKWARD_PHASES
-                                                else s.seq)):
+        for site in sorted(todo, key=execution_key):
             buf = site.buffer
             if buf not in rows:
                 rows[buf] = buf.records[:, 0].tolist()
@@ -884,6 +885,9 @@ class Monitor(Decoder):
         if self._removed or not self._optimizer_owns(optimizer):
             return
         self._opt_stepped = True
+        # a training step, even when its backward was compiled (no eager hook saw it): the
+        # updated weights are recorded as the step ends
+        self._cur.backward = True
         if not self._external_steps:
             self._end_step(force=True)
 

@@ -50,7 +50,9 @@ class Site:
     """One recording place and its buffer row; ``last_healthy`` is its last good record.
 
     ``compiled``: created while ``torch.compile`` traced it (its records are found by the
-    written marker, not by the step's order list); ``seq``: creation order."""
+    written marker, not by the step's order list); ``seq``: creation order, negated for a
+    backward site created while its backward itself was traced (compiled autograd), whose
+    creation order is already the execution order (see :func:`execution_key`)."""
 
     __slots__ = ("name", "phase", "role", "call", "module", "device", "slot", "allow_inf",
                  "last_healthy", "dtype", "buffer", "compiled", "seq", "sid")
@@ -167,8 +169,11 @@ class Recorder:
         return buf
 
     def site(self, module: int, name: str, phase: str, role: str, call: int,
-             device: torch.device, dtype=None, compiled: bool = False, sid: int = -1) -> Site:
-        """The site of these coordinates, created (slot allocated) on first use."""
+             device: torch.device, dtype=None, compiled: bool = False, sid: int = -1,
+             traced_in_backward: bool = False) -> Site:
+        """The site of these coordinates, created (slot allocated) on first use.
+        ``traced_in_backward``: a compiled site traced from the backward pass (compiled
+        autograd), not from the forward."""
         key = (module, phase, role, call, device)
         site = self.sites.get(key)
         if site is None:
@@ -179,7 +184,8 @@ class Recorder:
                 slot = buf.records.shape[0] - 1
             site = self.sites[key] = Site(
                 name, phase, role, call, module, device, slot,
-                self._allow_inf(name, phase, role), dtype, buf, compiled, len(self.sites), sid)
+                self._allow_inf(name, phase, role), dtype, buf, compiled,
+                -len(self.sites) if traced_in_backward else len(self.sites), sid)
             if phase == "label":
                 self.label_slots.setdefault(buf, set()).add(slot)
             self.has_compiled = self.has_compiled or compiled
@@ -280,9 +286,7 @@ class Recorder:
         backward-side sites in reverse trace order (autograd runs the graph backwards).
         Cached until a site is added."""
         if self._compiled_for != len(self.sites):
-            sites = [s for s in self.sites.values() if s.compiled]
-            sites.sort(key=lambda s: (PHASE_RANK.get(s.phase, 9),
-                                      -s.seq if s.phase in BACKWARD_PHASES else s.seq))
+            sites = sorted((s for s in self.sites.values() if s.compiled), key=execution_key)
             self._compiled_order = sites
             self._compiled_slots = {
                 buf: torch.tensor([s.slot for s in sites if s.buffer is buf], dtype=torch.long)
@@ -308,6 +312,14 @@ class Recorder:
 
     def nbytes(self) -> int:
         return sum(b.records.numel() * b.records.element_size() for b in self.buffers.values())
+
+
+def execution_key(site: Site) -> Tuple[int, int]:
+    """Sort key of compiled sites in execution order: by phase, then forward-side sites in
+    trace order and backward-side sites in reverse trace order (autograd runs the graph
+    backwards; a site traced from the backward itself has a negated ``seq``)."""
+    return (PHASE_RANK.get(site.phase, 9),
+            -site.seq if site.phase in BACKWARD_PHASES else site.seq)
 
 
 def merge_order(eager: List[Tuple[Site, int]], compiled: List[Site]) -> List[Tuple[Site, int]]:

@@ -16,7 +16,7 @@ table, names and parameter tables; this module imports nothing of the monitor.
 from __future__ import annotations
 
 import weakref
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -117,9 +117,24 @@ def record_param_grad(mon, pindex: int, param) -> None:
     torch.ops.healthmon.record_to(grad.detach(), key, slot)
 
 
+def record_output_grad(mon, index: int, role: str, call: int, sid: int,
+                       grad: torch.Tensor) -> None:
+    """The gradient hook of an eager forward's output traced by compiled autograd: one
+    ``record_to`` in the compiled backward (the pybind entry would break its graph). The
+    site keeps the stack of the forward call that produced the output (``sid``)."""
+    if torch.compiler.is_exporting() or grad.layout != torch.strided \
+            or grad.dtype not in ops.STATS_DTYPES:
+        return
+    slot, _, key, _ = _traced_site(mon, index, "backward", role, call, str(grad.device),
+                                   grad.dtype, False, sid, True)
+    torch.ops.healthmon.record_to(grad.detach(), key, slot)
+
+
 def make_site(mon, module: int, phase: str, role: str, call: int, device: torch.device,
-              dtype, grad: bool):
-    """Trace time (run for real): the sites of one traced record.
+              dtype, grad: bool, sid: Optional[int] = None, in_backward: bool = False):
+    """Trace time (run for real): the sites of one traced record; ``sid``: their stack
+    when already known (else the traced frames'); ``in_backward``: traced from the
+    backward pass (compiled autograd), so created in execution order.
 
     Returns:
         ``(slot, gradient slot or -1, buffer key, gradient buffer key or -1)``; keys index
@@ -132,14 +147,19 @@ def make_site(mon, module: int, phase: str, role: str, call: int, device: torch.
         pindex = module
         module, _ = mon._param_sites[pindex]
         role = mon._grad_roles[pindex]
-        fwd = rec.sites.get((module, "forward", "output", 0, device))
-        sid = fwd.sid if fwd is not None else -1
-    else:
+        # the stack of the module's forward call: kept by the eager hooks or by the traced
+        # forward record
+        sid = mon._mod_stack[module]
+        if sid < 0:
+            fwd = rec.sites.get((module, "forward", "output", 0, device))
+            sid = fwd.sid if fwd is not None else -1
+    elif sid is None:
         sid = mon._stacks.intern_summary(traced_stack())
         if module >= 0 and mon._mod_stack[module] < 0:
             mon._mod_stack[module] = sid  # the stack its parameters' records carry
     name = mon._names[module] if module >= 0 else "<input>"
-    site = rec.site(module, name, phase, role, call, device, dtype, compiled=True, sid=sid)
+    site = rec.site(module, name, phase, role, call, device, dtype, compiled=True, sid=sid,
+                    traced_in_backward=in_backward)
     bslot, bkey = -1, -1
     if grad:
         bsite = rec.site(module, name, "backward", "grad_" + role, call, device, dtype,
@@ -171,16 +191,17 @@ def _trace_number_const(monitor_id: int) -> int:
 
 
 def _traced_site(mon, module: int, phase: str, role: str, call: int, device: str, dtype,
-                 grad: bool):
-    return _traced_site_const(id(mon), module, phase, role, call, device, dtype, grad)
+                 grad: bool, sid: Optional[int] = None, in_backward: bool = False):
+    return _traced_site_const(id(mon), module, phase, role, call, device, dtype, grad, sid,
+                              in_backward)
 
 
 @torch._dynamo.assume_constant_result
 def _traced_site_const(monitor_id: int, module: int, phase: str, role: str, call: int,
-                       device: str, dtype, grad: bool):
+                       device: str, dtype, grad: bool, sid: Optional[int], in_backward: bool):
     """Runs for real while Dynamo traces (its result is a constant of the graph)."""
     return make_site(_LIVE[monitor_id], module, phase, role, call, torch.device(device),
-                     dtype, grad)
+                     dtype, grad, sid, in_backward)
 
 
 def _grad_hook(key: int, slot: int):

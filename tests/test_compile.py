@@ -276,13 +276,15 @@ class Count:
 
 def train(fwd, model: nn.Module, kind: str, steps: int, *, warmup: int = 0,
           cnt: Optional[CompileCounterWithBackend] = None, inject=None,
-          restore: bool = False) -> Optional[int]:
+          restore: bool = False, compiled_backward: Optional[str] = None) -> Optional[int]:
     """``steps`` SGD steps of ``model`` through ``fwd`` (the model or its compiled form).
 
     Args:
         inject: ``{step: (where, value)}`` switched on for that step only.
         restore: copy the initial weights back after every step (a bad step then does not
             poison the next one; every step computes the same function).
+        compiled_backward: run ``loss.backward()`` under compiled autograd with this
+            backend (the forward stays as ``fwd`` is).
     Returns:
         graphs compiled after ``warmup`` steps (when ``cnt`` is given).
     """
@@ -299,7 +301,12 @@ def train(fwd, model: nn.Module, kind: str, steps: int, *, warmup: int = 0,
         out = fwd(x)  # the user line every forward-site stack must end at
         loss = loss_of(out, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if compiled_backward is None:
+            loss.backward()
+        else:
+            with torch._dynamo.compiled_autograd._enable(
+                    torch.compile(backend=compiled_backward)):
+                loss.backward()
         opt.step()
         if restore:
             with torch.no_grad():
@@ -515,20 +522,23 @@ def findings(mon) -> List[tuple]:
             for a in mon.anomalies]
 
 
-def run_schedule(kind: str, backend: Optional[str], steps: int, schedule: dict):
+def run_schedule(kind: str, backend: Optional[str], steps: int, schedule: dict,
+                 compiled_backward: Optional[str] = None):
     """A monitored run (``on_anomaly="log"``, weights restored after every step) in eager
-    (``backend`` None) or compiled; returns (findings, rows of the healthy step 0)."""
+    (``backend`` None) or compiled, its backward under compiled autograd with
+    ``compiled_backward``; returns (findings, rows of the healthy step 0)."""
     torch._dynamo.reset()
     model = make(kind)
     mon = watch(model, on_anomaly="log")
     fwd = model if backend is None else torch.compile(model, backend=backend)
     try:
-        train(fwd, model, kind, 1)
+        train(fwd, model, kind, 1, compiled_backward=compiled_backward)
         mon.check()
         rows0 = {(r["site"], r["phase"], r["role"], r["call"]): r for r in mon.records()}
         # start again from the same weights: step 0 above changed them
         model.load_state_dict(make(kind).state_dict())
-        train(fwd, model, kind, steps, inject=schedule, restore=True)
+        train(fwd, model, kind, steps, inject=schedule, restore=True,
+              compiled_backward=compiled_backward)
         mon.check()
         return findings(mon), rows0
     finally:
@@ -696,14 +706,40 @@ def test_compiled_autograd_train_step_records_param_grads():
     really ran)."""
     _, _, captures = compiled_autograd_run(watched=False)
     assert captures > 0, "compiled autograd did not run unwatched (test set-up)"
+    base_breaks, base_reasons = breaks(), break_reasons()
     torch._dynamo.reset()
     counters.clear()
     model, rows, captures = compiled_autograd_run(watched=True)
     assert captures > 0, "compiled autograd did not run watched"
-    grads = {(r["site"], r["role"]) for r in rows if r["phase"] == "grad"}
+    # unwatched, Tensor.backward inside the compiled function is a graph break already
+    assert breaks() == base_breaks, f"unwatched:\n{base_reasons}\nwatched:\n{break_reasons()}"
     params = {tuple(n.rsplit(".", 1)) for n, _ in model.named_parameters()}
-    assert grads == params, f"parameter gradients recorded: {sorted(grads)}"
+    for phase in ("grad", "param"):  # gradients, and the weights after the update
+        got = {(r["site"], r["role"]) for r in rows if r["phase"] == phase}
+        assert got == params, f"{phase} records: {sorted(got)}"
     assert any(r["phase"] == "backward" for r in rows), "no output gradient recorded"
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_eager_forward_compiled_autograd_backward(monkeypatch, fast):
+    """Eager forward, backward under compiled autograd (the eager gradient hooks, C++ fast
+    path or Python, are traced into the compiled backward): no graph break, the same records
+    as eager (parameters included) and the same findings at the same user lines."""
+    monkeypatch.setenv("HEALTHMON_FASTPATH", fast)
+    kind = "mlp"
+    steps = max(SCHEDULE) + 2
+    want, rows_e = run_schedule(kind, None, steps, SCHEDULE)
+    assert [f[0] for f in want] == [s + 1 for s in sorted(SCHEDULE)], want
+    torch._dynamo.reset()
+    counters.clear()
+    got, rows_c = run_schedule(kind, None, steps, SCHEDULE, compiled_backward="aot_eager")
+    assert counters["compiled_autograd"]["captures"] > 0, "compiled autograd did not run"
+    assert breaks() == 0, break_reasons()
+    assert got == want, ("findings differ from eager\n  eager:    "
+                         + "\n            ".join(map(str, want)) + "\n  compiled: "
+                         + "\n            ".join(map(str, got)))
+    assert {k[1] for k in rows_c} >= {"forward", "backward", "grad", "param"}, sorted(rows_c)
+    assert_rows_close(rows_e, rows_c, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------- watch after compiled code ran
