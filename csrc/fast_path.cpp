@@ -6,8 +6,10 @@
 // case, on the monitor's own Python objects (the step's order list, call counts, the
 // seen-tensor dict, the Step), so the Python slow path and this one interleave freely. Any
 // other case (first call of a site, another dtype or device, a tensor subclass or functorch
-// wrapper, a stack that changed, recomputation in backward, sync mode, compiled code) returns
-// false before any side effect and the Python path handles it.
+// wrapper, a stack that changed, recomputation in backward, sync mode off the CPU, compiled
+// code) returns false before any side effect and the Python path handles it. In sync mode (CPU
+// records) each record's NaN / Inf counts are read here and only a bad one goes to Python
+// (Monitor._check_now, which reports and may raise).
 //
 // Python-aware glue (torch's Python headers): not part of the torch-free kernels.
 #include <torch/extension.h>
@@ -18,6 +20,7 @@
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/Exceptions.h>
 
 #include <memory>
 #include <utility>
@@ -53,13 +56,15 @@ struct CallCache {
 
 struct State {
   bool alive = true;     // the monitor is not removed
-  bool enabled = false;  // this step takes the fast path (async, active, no compiled code)
+  bool enabled = false;  // this step takes the fast path (active, no compiled code)
+  bool sync = false;     // sync mode: every record checked as it is written
   std::vector<std::vector<CallCache>> modules;  // [module index][call in the step]
   py::object order;      // list: the step's (site, stack id) records in execution order
   py::object calls;      // list of int: calls of each module in the step
   py::object seen;       // dict: id(tensor) -> (weakref, recorded forward, hooked backward)
   py::object step;       // records.Step (its .backward is set by a gradient)
   py::object grad_fallback;  // Python: (index, call, sid, grad), the slow gradient path
+  py::object check_now;  // Python: (site, sid), sync mode's judgement of a bad record
   py::object mod_stack;  // list of int: each module's last stack id (parameter records)
 };
 
@@ -73,7 +78,12 @@ bool plain_dense(const at::Tensor& t) {
          !t.unsafeGetTensorImpl()->key_set().has_any(wrapped);
 }
 
-void record_into(const at::Tensor& x, const py::object& buffer, int64_t slot) {
+// Columns of a record row (healthmon/stats.py's layout): numel, NaN, +Inf, -Inf, ...
+constexpr int64_t kNanColumn = 1;
+constexpr int64_t kNegInfColumn = 3;
+
+// Records `x` into row `slot` of `buffer`; returns the records tensor written.
+at::Tensor record_into(const at::Tensor& x, const py::object& buffer, int64_t slot) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("healthmon::stats_into", "")
                        .typed<void(const at::Tensor&, at::Tensor&, int64_t)>();
@@ -84,6 +94,28 @@ void record_into(const at::Tensor& x, const py::object& buffer, int64_t slot) {
   at::Tensor records = THPVariable_Unpack(records_obj.ptr());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   op.call(x, records, slot);
+  return records;
+}
+
+// Sync mode: whether row `slot` (CPU, float64) counts any NaN or +-Inf. The full judgement
+// (allowed Inf, additive masks) is Python's, for the rows this flags.
+bool row_flagged(const at::Tensor& records, int64_t slot) {
+  const double* row = records.data_ptr<double>() + slot * records.size(1);
+  for (int64_t c = kNanColumn; c <= kNegInfColumn; ++c)
+    if (row[c] != 0.0) return true;
+  return false;
+}
+
+// A Python call from inside C++ (a forward hook or an autograd hook): its exception (a
+// HealthError in sync mode) goes back to Python as itself.
+template <typename... Args>
+void call_python(const py::object& fn, Args&&... args) {
+  try {
+    fn(std::forward<Args>(args)...);
+  } catch (py::error_already_set& e) {
+    e.restore();
+    throw python_error();
+  }
 }
 
 // The gradient of a fast-path output: recorded by this node pre-hook (no Python object,
@@ -104,17 +136,24 @@ class GradRecord : public torch::autograd::FunctionPreHook {
     if (!st || !st->alive) return grads;
     CallCache& c = st->modules[index_][call_];
     if (!c.backward_ready || !plain_dense(g) || g.scalar_type() != c.bwd_dtype ||
-        g.device() != c.bwd_device) {
-      st->grad_fallback(index_, call_, sid_,
-                        py::reinterpret_steal<py::object>(THPVariable_Wrap(g)));
+        g.device() != c.bwd_device || (st->sync && !c.bwd_device.is_cpu())) {
+      call_python(st->grad_fallback, index_, call_, sid_,
+                  py::reinterpret_steal<py::object>(THPVariable_Wrap(g)));
       return grads;
     }
     static PyObject* backward_attr = PyUnicode_InternFromString("backward");  // never freed
-    if (PyObject_SetAttr(st->step.ptr(), backward_attr, Py_True) < 0)
-      throw py::error_already_set();
-    record_into(g, c.bwd_buffer, c.bwd_slot);
+    if (PyObject_SetAttr(st->step.ptr(), backward_attr, Py_True) < 0) throw python_error();
+    at::Tensor records = record_into(g, c.bwd_buffer, c.bwd_slot);
     py::tuple entry = py::make_tuple(c.bwd_site, sid_);
-    if (PyList_Append(st->order.ptr(), entry.ptr()) < 0) throw py::error_already_set();
+    if (PyList_Append(st->order.ptr(), entry.ptr()) < 0) throw python_error();
+    if (st->sync) {
+      if (row_flagged(records, c.bwd_slot)) {
+        call_python(st->check_now, c.bwd_site, sid_);
+      } else {  // what Python's check does with a healthy gradient: the consumer to blame
+        static PyObject* prev_attr = PyUnicode_InternFromString("prev_bwd");  // never freed
+        if (PyObject_SetAttr(st->step.ptr(), prev_attr, entry.ptr()) < 0) throw python_error();
+      }
+    }
     return grads;
   }
 
@@ -158,11 +197,14 @@ bool same_stack(const CallCache& c) {
 
 class FastPath {
  public:
-  FastPath(size_t modules, py::object grad_fallback, py::object mod_stack)
+  FastPath(size_t modules, py::object grad_fallback, py::object mod_stack, bool sync,
+           py::object check_now)
       : state_(std::make_shared<State>()) {
     state_->modules.resize(modules);
     state_->grad_fallback = std::move(grad_fallback);
     state_->mod_stack = std::move(mod_stack);
+    state_->sync = sync;
+    state_->check_now = std::move(check_now);
   }
 
   // A new step (or segment): the monitor's per-step objects, and whether to take the path.
@@ -236,6 +278,7 @@ class FastPath {
       return false;  // recomputation (activation checkpointing) inside backward
     const at::Tensor& t = THPVariable_Unpack(out);
     if (!plain_dense(t) || t.scalar_type() != c.dtype || t.device() != c.device) return false;
+    if (st.sync && !c.device.is_cpu()) return false;  // reading the row would sync the device
     if (!same_stack(c)) return false;
     const bool want_bwd = t.grad_fn() != nullptr && c10::GradMode::is_enabled();
 
@@ -251,8 +294,12 @@ class FastPath {
     if (want_bwd && !c.backward_ready) return false;  // the gradient site is not known yet
 
     set_called(index, call, c);
-    record_into(t, c.buffer, c.slot);
+    at::Tensor records = record_into(t, c.buffer, c.slot);
     if (PyList_Append(st.order.ptr(), c.order_entry.ptr()) < 0) throw py::error_already_set();
+    if (st.sync && row_flagged(records, c.slot)) {  // Python judges, reports, may raise
+      py::tuple entry = py::reinterpret_borrow<py::tuple>(c.order_entry);
+      st.check_now(entry[0], entry[1]);
+    }
     if (want_bwd) {
       t.grad_fn()->add_pre_hook(
           std::make_unique<GradRecord>(state_, index, call, c.sid, t.output_nr()));
@@ -290,8 +337,9 @@ class FastPath {
 void register_fast_path(py::module& m) {
   py::class_<FastPath>(m, "FastPath",
                        "The monitor's eager hot path (see csrc/fast_path.cpp)")
-      .def(py::init<size_t, py::object, py::object>(), py::arg("modules"),
-           py::arg("grad_fallback"), py::arg("mod_stack"))
+      .def(py::init<size_t, py::object, py::object, bool, py::object>(), py::arg("modules"),
+           py::arg("grad_fallback"), py::arg("mod_stack"), py::arg("sync"),
+           py::arg("check_now"))
       .def("begin_step", &FastPath::begin_step)
       .def("set_enabled", &FastPath::set_enabled)
       .def("disable", &FastPath::disable)

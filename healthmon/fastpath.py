@@ -9,6 +9,9 @@ the next step). The fast path works on the monitor's own per-step objects (order
 counts, seen dict, Step), handed over at every step boundary, so both paths interleave in
 one execution order and the records and findings are the same.
 
+Sync mode on the CPU takes it too: C++ reads each record's NaN / Inf counts and hands only
+a flagged one to :meth:`Monitor._check_now` (which reports and may raise, as in Python).
+
 ``HEALTHMON_FASTPATH=0`` keeps everything in Python (for benchmarks and bisecting).
 """
 from __future__ import annotations
@@ -32,7 +35,12 @@ def create(mon):
         if m is not None:
             m._grad_fallback(index, call, sid, grad)
 
-    fast = _C.FastPath(0, grad_fallback, mon._mod_stack)
+    def check_now(site, sid: int) -> None:
+        m = ref()
+        if m is not None:
+            m._check_now(site, sid)
+
+    fast = _C.FastPath(0, grad_fallback, mon._mod_stack, bool(mon.config.sync), check_now)
     fast.begin_step(mon._cur.order, mon._calls, mon._seen, mon._cur, True)
     mon._fast_primed = {}
     return fast

@@ -171,7 +171,7 @@ class Monitor(Decoder):
         self._opt_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._opt_stepped = False  # an optimizer holding watched parameters has stepped
         self._cur = Step(0, True)
-        self._fast = None  # healthmon._C.FastPath, or None (sync mode, no extension)
+        self._fast = None  # healthmon._C.FastPath, or None (no extension, switched off)
         self._external_steps = False  # set_step() called: a trainer numbers the steps
         self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
         self._drill: Optional[drilldown.Drilldown] = None  # sync mode: exact-op search
@@ -180,7 +180,7 @@ class Monitor(Decoder):
             return
         # the eager hot path in C++ (csrc/fast_path.cpp); async mode only: sync checks
         # every record in Python
-        self._fast = fastpath.create(self) if not config.sync else None
+        self._fast = fastpath.create(self)
         if config.log:
             self.sinks.append(_distributed.jsonl_sink(config.log))  # one file per rank
         self._attach(roots)

@@ -64,8 +64,9 @@ class _NanGrad(torch.autograd.Function):
         return g * float("nan")
 
 
-def run(monkeypatch, fast: bool, steps: int = 5, poison=None):
-    """Train a fresh Net; returns (records of every step, findings)."""
+def run(monkeypatch, fast: bool, steps: int = 5, poison=None, sync: bool = False):
+    """Train a fresh Net (``sync``: in sync mode); returns (records of every step,
+    findings)."""
     monkeypatch.setenv("HEALTHMON_FASTPATH", "1" if fast else "0")
     torch.manual_seed(0)
     model = Net()
@@ -84,7 +85,7 @@ def run(monkeypatch, fast: bool, steps: int = 5, poison=None):
         def close(self):
             pass
 
-    mon = healthmon.watch(model, on_anomaly="log", sinks=[Keep()])
+    mon = healthmon.watch(model, on_anomaly="log", sinks=[Keep()], sync=sync)
     assert (mon._fast is not None) == fast
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
@@ -106,20 +107,72 @@ def run(monkeypatch, fast: bool, steps: int = 5, poison=None):
     return steps_rows, findings
 
 
-def test_records_identical_with_and_without_fast_path(monkeypatch):
-    slow, _ = run(monkeypatch, fast=False)
-    fast, _ = run(monkeypatch, fast=True)
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+def test_records_identical_with_and_without_fast_path(monkeypatch, sync):
+    slow, _ = run(monkeypatch, fast=False, sync=sync)
+    fast, _ = run(monkeypatch, fast=True, sync=sync)
     assert len(fast) == len(slow) == 5
     for step, (a, b) in enumerate(zip(slow, fast)):
         assert a == b, f"step {step} differs"
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
 @pytest.mark.parametrize("poison", ["forward", "backward"])
-def test_findings_identical_with_and_without_fast_path(monkeypatch, poison):
-    _, slow = run(monkeypatch, fast=False, poison=poison)
-    _, fast = run(monkeypatch, fast=True, poison=poison)
+def test_findings_identical_with_and_without_fast_path(monkeypatch, poison, sync):
+    _, slow = run(monkeypatch, fast=False, poison=poison, sync=sync)
+    _, fast = run(monkeypatch, fast=True, poison=poison, sync=sync)
     assert slow and fast == slow
     assert slow[0][0] == 3
+
+
+@pytest.mark.parametrize("poison", ["forward", "backward"])
+def test_sync_mode_raises_the_same_error_at_the_same_place(monkeypatch, poison):
+    """Sync mode, on_anomaly="raise": the HealthError (its type intact, also when raised
+    from the C++ gradient hook inside backward) names the same site at the same step, and
+    is raised from the same call (forward or backward), with and without the fast path."""
+    got = {}
+    for fast in (False, True):
+        monkeypatch.setenv("HEALTHMON_FASTPATH", "1" if fast else "0")
+        torch.manual_seed(0)
+        model = Net()
+        mon = healthmon.watch(model, sync=True)
+        assert (mon._fast is not None) == fast
+        try:
+            for step in range(5):
+                model.poison = poison if step == 3 else None
+                tokens = torch.randint(0, 20, (4, 6))
+                out = model(tokens)  # raises here for a poisoned forward
+                try:
+                    out.sum().backward()
+                except healthmon.HealthError as e:
+                    got[fast] = ("backward", step, e.anomaly.site, e.anomaly.phase,
+                                 e.anomaly.role)
+                    break
+                mon.step()
+        except healthmon.HealthError as e:
+            got[fast] = ("forward", step, e.anomaly.site, e.anomaly.phase, e.anomaly.role)
+        finally:
+            mon.remove()
+    assert got[True] == got[False], got
+    assert got[True][:2] == (poison, 3), got
+
+
+def test_sync_mode_takes_the_fast_path_on_cpu(monkeypatch):
+    """Sync mode on the CPU: healthy records of plain modules stay in C++ too."""
+    monkeypatch.setenv("HEALTHMON_FASTPATH", "1")
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    calls = []
+    with healthmon.watch(model, sync=True) as mon:
+        original = mon._check_now
+        monkeypatch.setattr(mon, "_check_now",
+                            lambda *a: (calls.append(a[0].phase), original(*a)))
+        for step in range(3):
+            calls.clear()
+            model(torch.randn(2, 4)).sum().backward()
+            mon.step()
+        # the root's output and the parameter records are checked in Python; no module
+        # output or output gradient is
+        assert "backward" not in calls and calls.count("forward") <= 1, calls
 
 
 def test_fast_path_takes_the_common_case(monkeypatch):
