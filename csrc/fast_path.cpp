@@ -22,6 +22,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/Exceptions.h>
 
+#include "record.h"
+
 #include <memory>
 #include <utility>
 #include <vector>
@@ -78,10 +80,6 @@ bool plain_dense(const at::Tensor& t) {
          !t.unsafeGetTensorImpl()->key_set().has_any(wrapped);
 }
 
-// Columns of a record row (healthmon/stats.py's layout): numel, NaN, +Inf, -Inf, ...
-constexpr int64_t kNanColumn = 1;
-constexpr int64_t kNegInfColumn = 3;
-
 // Records `x` into row `slot` of `buffer`; returns the records tensor written.
 at::Tensor record_into(const at::Tensor& x, const py::object& buffer, int64_t slot) {
   static auto op = c10::Dispatcher::singleton()
@@ -100,10 +98,8 @@ at::Tensor record_into(const at::Tensor& x, const py::object& buffer, int64_t sl
 // Sync mode: whether row `slot` (CPU, float64) counts any NaN or +-Inf. The full judgement
 // (allowed Inf, additive masks) is Python's, for the rows this flags.
 bool row_flagged(const at::Tensor& records, int64_t slot) {
-  const double* row = records.data_ptr<double>() + slot * records.size(1);
-  for (int64_t c = kNanColumn; c <= kNegInfColumn; ++c)
-    if (row[c] != 0.0) return true;
-  return false;
+  const double* row = records.data_ptr<double>() + slot * kNumStatsFields;
+  return row[kNan] != 0.0 || row[kPosInf] != 0.0 || row[kNegInf] != 0.0;
 }
 
 // A Python call from inside C++ (a forward hook or an autograd hook): its exception (a
