@@ -178,8 +178,8 @@ class Monitor(Decoder):
         _distributed.agree_settings(config)  # a collective on every rank, also when off
         if not config.enabled:
             return
-        # the eager hot path in C++ (csrc/fast_path.cpp); async mode only: sync checks
-        # every record in Python
+        # the eager hot path in C++ (csrc/fast_path.cpp); in sync mode it checks CPU
+        # records itself and hands a flagged one to _check_now
         self._fast = fastpath.create(self)
         if config.log:
             self.sinks.append(_distributed.jsonl_sink(config.log))  # one file per rank
