@@ -162,6 +162,7 @@ class Monitor(Decoder):
         self._param_cache: Dict[str, dict] = {}  # phase -> parameter -> (site, dtype, ...)
         self._param_plans: Dict[str, tuple] = {}  # phase -> the last batch's plan
         self._seen: Dict[int, tuple] = {}  # id(tensor) -> (weakref, recorded fwd, hooked bwd)
+        self._input_sid = -1  # the stack of the last root forward (its capture's hint)
         self._grad_queue: Dict[int, None] = {}
         self._callback_queued = False
         self._pending: Optional[Step] = None
@@ -429,14 +430,16 @@ class Monitor(Decoder):
         self._forward_tick = _FORWARD_TICKS[0]  # which model's step a loss belongs to
         self._forward_thread = threading.get_ident()
         if cur.active:
-            sid = self._stacks.capture(2)
+            sid = self._input_sid = self._stacks.capture(2, self._input_sid)
             if self._drill is not None:  # weak references + RNG state, for a replay
                 self._drill.root_call(module, args, kwargs, sid)
+            # the n-th forward of the step is call n of its inputs, as of every module
+            call = cur.forwards - 1
             for role, t in walk(args, "input"):
-                self._record(t, -1, "<input>", "input", role, 0, sid)
+                self._record(t, -1, "<input>", "input", role, call, sid)
             if kwargs:
                 for role, t in walk(kwargs, "input"):
-                    self._record(t, -1, "<input>", "input", role, 0, sid)
+                    self._record(t, -1, "<input>", "input", role, call, sid)
 
     def _on_forward(self, index: int, output) -> None:
         if self._removed:

@@ -439,5 +439,6 @@ def test_forwards_before_one_backward_are_one_step_and_sites_stay_bounded():
         sites = mon.num_sites
         for _ in range(300):  # grad on, no backward: never a new step, bounded sites
             model(torch.randn(1, 4))
-        assert mon.num_sites <= sites + 3 * 64 + 8
+        # per forward of a segment: its input and three module outputs, up to 64 forwards
+        assert mon.num_sites <= sites + 4 * 64 + 8
         assert mon.check() == []

@@ -239,3 +239,37 @@ def test_nan_in_input_batch_is_reported_as_input():
 def test_nan_in_input_healthy_twin():
     mon = run_input(-1, 50)
     assert mon.anomalies == [] and mon.step_index == 50
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+def test_nan_in_the_input_of_a_later_forward_of_the_step(sync):
+    """Several forwards before one backward (a policy called once per environment step):
+    each forward's input is a call of its own, so a NaN observation in forward 2 of 4 is
+    reported as that input (not overwritten by forward 3's healthy one, not blamed on the
+    first layer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = healthmon.watch(model, sync=sync, on_anomaly="log")
+    try:
+        for step in range(4):
+            outs = []
+            for t in range(4):
+                obs = torch.randn(1, 4)
+                if step == 2 and t == 1:
+                    obs[0, 0] = float("nan")
+                outs.append(model(obs))
+            loss = torch.cat(outs).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.grad.nan_to_num_(0.0)
+            opt.step()
+        mon.check()
+        a = mon.anomalies[0]
+        assert (a.site, a.phase, a.role, a.step, a.call) == ("<input>", "input", "input[0]", 2, 1)
+        inputs = [r for r in mon.records() if r["phase"] == "input"]
+        assert [r["call"] for r in inputs] == [0, 1, 2, 3]
+    finally:
+        mon.remove()
