@@ -6,6 +6,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <vector>
 
@@ -40,10 +42,15 @@ std::mutex& registry_mutex() {
   return *mutex;
 }
 // A registered buffer and whether records into it are wanted this step (the monitor's
-// cadence: `every=N` switches it per step, so a compiled graph never changes).
+// cadence: `every=N` switches it per step, so a compiled graph never changes). `step`
+// counts the monitor's steps (begin_record_step) and `written[slot]` is the step that last
+// wrote a row: a second write of a row in one step (a compiled graph run several times
+// per step: a policy, gradient accumulation) merges into it instead of overwriting.
 struct Registered {
   at::Tensor records;
   bool active = true;
+  uint64_t step = 1;
+  std::vector<uint64_t> written;
 };
 std::vector<Registered>& registry() {
   static auto* buffers = new std::vector<Registered>();
@@ -62,6 +69,12 @@ void set_record_active(int64_t key, bool active) {
   std::lock_guard<std::mutex> lock(registry_mutex());
   auto& buffers = registry();
   if (key >= 0 && static_cast<size_t>(key) < buffers.size()) buffers[key].active = active;
+}
+
+void begin_record_step(int64_t key) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto& buffers = registry();
+  if (key >= 0 && static_cast<size_t>(key) < buffers.size()) ++buffers[key].step;
 }
 
 void clear_record_buffer(int64_t key) {
@@ -84,20 +97,66 @@ at::Tensor registered_buffer(int64_t key) {
 // Dynamo recompiles): their records have nowhere to go and are dropped, the model runs on.
 // A step the cadence skips is skipped here too (a host flag: a CUDA graph replays what it
 // captured, and the decode applies the cadence then).
+//
+// The first write of a row in a step overwrites it; a later one (the same graph run again
+// in the step) merges: counts, sums and sums of squares add, min / max / abs-max combine,
+// so the row describes every run and a NaN in any of them stays visible. The decision is
+// taken on the host (no device read); a CUDA graph replays whichever kind it captured.
+void merge_row(at::Tensor& records, int64_t slot, const at::Tensor& fresh) {
+  using namespace healthmon;
+  at::Tensor row = records.narrow(0, slot, 1);
+  if (records.device().is_cpu()) {
+    double* dst = row.data_ptr<double>();
+    const double* src = fresh.data_ptr<double>();
+    if (dst[kNumel] < 0) {  // marked unwritten since: a plain write
+      std::copy(src, src + kNumStatsFields, dst);
+      return;
+    }
+    for (int f : {kNumel, kNan, kPosInf, kNegInf, kZeros, kFinite, kSum, kSumSq})
+      dst[f] += src[f];
+    dst[kMin] = std::fmin(dst[kMin], src[kMin]);  // NaN (no finite value) loses
+    dst[kMax] = std::fmax(dst[kMax], src[kMax]);
+    dst[kAbsMax] = std::max(dst[kAbsMax], src[kAbsMax]);
+    return;
+  }
+  // accelerators: a few small device ops, no host read (this path is the rare one)
+  at::Tensor column = at::arange(kNumStatsFields, row.options().dtype(at::kLong));
+  at::Tensor merged = at::where(column == kMin, at::fmin(row, fresh),
+                                at::where((column == kMax) | (column == kAbsMax),
+                                          at::fmax(row, fresh), row + fresh));
+  row.copy_(at::where(row.narrow(1, kNumel, 1) >= 0, merged, fresh));
+}
+
 void record_to(const at::Tensor& x, int64_t buffer, int64_t slot) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("healthmon::stats_into", "")
                        .typed<void(const at::Tensor&, at::Tensor&, int64_t)>();
   at::Tensor records;
+  bool merge = false;
   {
     std::lock_guard<std::mutex> lock(registry_mutex());
     auto& buffers = registry();
-    if (buffer >= 0 && static_cast<size_t>(buffer) < buffers.size() && buffers[buffer].active)
-      records = buffers[buffer].records;
+    if (buffer >= 0 && static_cast<size_t>(buffer) < buffers.size() && buffers[buffer].active) {
+      Registered& reg = buffers[buffer];
+      records = reg.records;
+      if (slot >= 0) {
+        if (static_cast<size_t>(slot) >= reg.written.size()) reg.written.resize(slot + 1, 0);
+        merge = reg.written[slot] == reg.step;
+        reg.written[slot] = reg.step;
+      }
+    }
   }
   if (!records.defined()) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.call(x, records, slot);
+  if (!merge) {
+    op.call(x, records, slot);
+    return;
+  }
+  TORCH_CHECK(slot < records.size(0), "healthmon::record_to: slot ", slot,
+              " out of range for a buffer of ", records.size(0), " rows");
+  at::Tensor fresh = at::empty({1, healthmon::kNumStatsFields}, records.options());
+  op.call(x, fresh, 0);
+  merge_row(records, slot, fresh);
 }
 
 // The monitor's hot path: one Python -> C++ call per recorded tensor. It calls the
@@ -148,6 +207,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether record_to writes the buffer under key (the step's cadence)",
         pybind11::arg("key"), pybind11::arg("active"));
   m.def("clear_record_buffer", &clear_record_buffer, "drop the buffer under key",
+        pybind11::arg("key"));
+  m.def("begin_record_step", &begin_record_step,
+        "a new step for the buffer under key: record_to's next write of a row overwrites it",
         pybind11::arg("key"));
   m.def("registered_buffer", &registered_buffer, "the buffer under key (tests)",
         pybind11::arg("key"));

@@ -234,6 +234,9 @@ class Recorder:
             self.sync_traced()
             for buf in self.buffers.values():
                 buf.mark_unwritten()
+            from . import _C
+            for key in self._registered:  # record_to's next write of a row overwrites it
+                _C.begin_record_step(key)
 
     def copy_to_host(self) -> None:
         with _normal_tensors():  # a boundary reached inside inference_mode
@@ -323,25 +326,39 @@ def execution_key(site: Site) -> Tuple[int, int]:
 
 
 def merge_order(eager: List[Tuple[Site, int]], compiled: List[Site]) -> List[Tuple[Site, int]]:
-    """The step's execution order: eager records as they ran, each compiled record placed
-    before the first eager record of a later phase (compiled forward rows before the eager
-    loss / backward rows, compiled gradients before the eager parameter records) and
-    before the eager forward records (the compiled root's own hooks)."""
+    """The step's execution order: eager records as they ran, each compiled record (in
+    :func:`execution_key` order) placed after the last eager record of its phase or an
+    earlier one (compiled forward rows after the eager inputs, before the eager labels,
+    loss and backward rows; compiled gradients after the eager gradients of the graph's
+    outputs, before the eager parameter records), and compiled forward rows before the
+    last eager forward record (the compiled root's own hooks run after its compiled body).
+    A graph run several times in a step has one merged row per site, so it stands with its
+    last run: every run's eager inputs come before it."""
     if not compiled:
         return eager
+    ranks = [PHASE_RANK.get(site.phase, 9) for site, _ in eager]
+    forward = PHASE_RANK["forward"]
+    last_forward = max((k for k, r in enumerate(ranks) if r == forward), default=-1)
+    last_upto: Dict[int, int] = {}  # rank -> index of the last eager record of rank <= it
+
+    def position(rank: int) -> int:
+        if rank == forward and last_forward >= 0:
+            return last_forward
+        if rank not in last_upto:
+            last_upto[rank] = max((k for k, r in enumerate(ranks) if r <= rank), default=-1)
+        return last_upto[rank] + 1
+
+    places = sorted(((position(PHASE_RANK.get(s.phase, 9)), n) for n, s in
+                     enumerate(compiled)))
     out: List[Tuple[Site, int]] = []
     i = 0
-    forward = PHASE_RANK["forward"]
-    for site, sid in eager:
-        rank = PHASE_RANK.get(site.phase, 9)
-        # compiled outputs come before an eager one (the compiled root's own hooks run
-        # after its compiled body); eager gradients (of the graph's outputs) before them
-        while i < len(compiled) and (PHASE_RANK.get(compiled[i].phase, 9) < rank or
-                                     rank == forward == PHASE_RANK.get(compiled[i].phase)):
-            out.append((compiled[i], compiled[i].sid))
+    for k, item in enumerate(eager):
+        while i < len(places) and places[i][0] <= k:
+            site = compiled[places[i][1]]
+            out.append((site, site.sid))
             i += 1
-        out.append((site, sid))
-    out.extend((s, s.sid) for s in compiled[i:])
+        out.append(item)
+    out.extend((compiled[n], compiled[n].sid) for _, n in places[i:])
     return out
 
 

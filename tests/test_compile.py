@@ -16,6 +16,7 @@ test and in one detection-parity test.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -665,6 +666,43 @@ def test_sync_mode_compiled_raises_at_same_site():
         finally:
             mon.remove()
     assert out["aot_eager"] == out[None], out
+
+
+def several_runs_per_step_findings(backend: Optional[str]) -> List[tuple]:
+    """Three forwards of one graph before one backward per step; a NaN in the input batch
+    of the second forward of step 2 only. Returns the findings without the call number
+    (eager: call 1 of the step; compiled: the graph's one site)."""
+    torch._dynamo.reset()
+    model = make("mlp")
+    mon = watch(model, on_anomaly="log")
+    fwd = model if backend is None else torch.compile(model, backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    try:
+        for step in range(4):
+            losses = []
+            for run in range(3):
+                x, y = batch("mlp", 3 * step + run)
+                if (step, run) == (2, 1):
+                    x[0, 0] = math.nan
+                losses.append(loss_of(fwd(x), y))
+            opt.zero_grad(set_to_none=True)
+            torch.stack(losses).nan_to_num().sum().backward()
+            opt.step()
+        mon.check()
+        return [(a.step, a.site, a.phase, a.role, a.kind) for a in mon.anomalies]
+    finally:
+        mon.remove()
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_graph_run_several_times_per_step_keeps_a_nan_of_any_run(backend):
+    """The rows of a compiled graph run several times in one step (a policy, gradient
+    accumulation) merge every run: a NaN in one run is reported where eager reports it,
+    not overwritten by the next healthy run."""
+    want = several_runs_per_step_findings(None)
+    assert want and want[0][:3] == (2, "<input>", "input"), want
+    got = several_runs_per_step_findings(backend)
+    assert got[:1] == want[:1], (got, want)
 
 
 # ----------------------------------------------------------------- compiled autograd

@@ -289,6 +289,27 @@ def test_opcheck_cuda():
         _C.clear_record_buffer(key)
 
 
+def test_record_to_merge_on_the_device_matches_the_cpu():
+    """A second write of a row in one step merges on the device (ATen ops, no host read)
+    exactly as the CPU merges."""
+    from healthmon import _C
+    key = 1 << 20
+    a = torch.tensor([1.0, -2.0, float("nan"), float("inf")])
+    b = torch.tensor([5.0, 0.0, -7.5])
+    rows = {}
+    for dev in ("cpu", DEV):
+        records = torch.zeros(2, NUM_STATS, dtype=torch.float64, device=dev)
+        _C.set_record_buffer(key, records)
+        try:
+            _C.begin_record_step(key)
+            torch.ops.healthmon.record_to(a.to(dev), key, 1)
+            torch.ops.healthmon.record_to(b.to(dev), key, 1)
+        finally:
+            _C.clear_record_buffer(key)
+        rows[dev] = records[1].cpu()
+    assert torch.equal(rows["cpu"], rows[DEV]), rows
+
+
 # ------------------------------------------------------------------- edge cases (CPU parity)
 
 def test_uint64_labels_at_or_above_2_pow_63_are_bad_and_saturate():

@@ -80,6 +80,37 @@ def test_record_to_writes_the_registered_buffer_only():
 
 
 @needs_ext
+def test_record_to_merges_a_second_write_of_a_row_in_one_step():
+    """A compiled graph run several times in one step writes its rows again: the first write
+    of a step overwrites the row, later ones merge (counts and sums add, min / max combine),
+    so a NaN of any run stays in the row. ``begin_record_step`` starts a new step."""
+    from healthmon import _C
+    a = torch.tensor([1.0, -2.0, math.nan])
+    b = torch.tensor([5.0, 0.0])
+    c = torch.tensor([3.0, 4.0])
+    want = torch.zeros(3, NUM_STATS, dtype=torch.float64)
+    torch.ops.healthmon.stats_into(torch.cat([a, b]), want, 0)
+    torch.ops.healthmon.stats_into(c, want, 1)
+    got = torch.zeros(2, NUM_STATS, dtype=torch.float64)
+    _C.set_record_buffer(TEST_KEY, got)
+    try:
+        _C.begin_record_step(TEST_KEY)
+        torch.ops.healthmon.record_to(a, TEST_KEY, 0)
+        torch.ops.healthmon.record_to(b, TEST_KEY, 0)  # the same row again: merged
+        assert torch.equal(got[0], want[0]), (got[0], want[0])
+        _C.begin_record_step(TEST_KEY)
+        torch.ops.healthmon.record_to(c, TEST_KEY, 0)  # a new step: overwritten
+        assert torch.equal(got[0], want[1])
+        got[0, 0] = -1.0  # marked unwritten by the monitor, then written twice
+        _C.begin_record_step(TEST_KEY)
+        torch.ops.healthmon.record_to(c, TEST_KEY, 0)
+        torch.ops.healthmon.record_to(c, TEST_KEY, 0)
+        assert got[0, 0].item() == 4 and got[0, 8].item() == 14.0  # numel, sum
+    finally:
+        _C.clear_record_buffer(TEST_KEY)
+
+
+@needs_ext
 def test_fake_kernels_trace_under_fake_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
