@@ -108,10 +108,6 @@ void merge_row(at::Tensor& records, int64_t slot, const at::Tensor& fresh) {
   if (records.device().is_cpu()) {
     double* dst = row.data_ptr<double>();
     const double* src = fresh.data_ptr<double>();
-    if (dst[kNumel] < 0) {  // marked unwritten since: a plain write
-      std::copy(src, src + kNumStatsFields, dst);
-      return;
-    }
     for (int f : {kNumel, kNan, kPosInf, kNegInf, kZeros, kFinite, kSum, kSumSq})
       dst[f] += src[f];
     dst[kMin] = std::fmin(dst[kMin], src[kMin]);  // NaN (no finite value) loses
@@ -121,10 +117,9 @@ void merge_row(at::Tensor& records, int64_t slot, const at::Tensor& fresh) {
   }
   // accelerators: a few small device ops, no host read (this path is the rare one)
   at::Tensor column = at::arange(kNumStatsFields, row.options().dtype(at::kLong));
-  at::Tensor merged = at::where(column == kMin, at::fmin(row, fresh),
-                                at::where((column == kMax) | (column == kAbsMax),
-                                          at::fmax(row, fresh), row + fresh));
-  row.copy_(at::where(row.narrow(1, kNumel, 1) >= 0, merged, fresh));
+  row.copy_(at::where(column == kMin, at::fmin(row, fresh),
+                      at::where((column == kMax) | (column == kAbsMax), at::fmax(row, fresh),
+                                row + fresh)));
 }
 
 void record_to(const at::Tensor& x, int64_t buffer, int64_t slot) {

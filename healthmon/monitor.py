@@ -605,8 +605,8 @@ class Monitor(Decoder):
                             sid: Optional[int]) -> None:
         """:meth:`_record_param_tensors` of ``tensors`` (of parameters ``pindexes``, None
         allowed), with a plan for the common case: the same parameters as last time, plain
-        tensors of the same dtypes and devices (one comparison of their metadata, then one
-        native call per buffer and no Python per parameter)."""
+        tensors of the same dtypes and devices (one list of their metadata compared, then
+        one native call per buffer; no site lookup or grouping per parameter)."""
         plan = self._param_plans.get(phase)
         if plan is not None and plan[0] == pindexes:
             try:

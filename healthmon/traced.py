@@ -66,6 +66,10 @@ class TraceState:
 
 # ----------------------------------------------------------------- traced recording
 
+def _recordable(t: torch.Tensor) -> bool:
+    return t.dtype in ops.STATS_DTYPES and t.layout == torch.strided
+
+
 def record_forward(mon, index: int, output) -> None:
     """Forward hook of watched module ``index`` while traced: its output tensors, and a
     traced gradient hook on each that requires grad."""
@@ -74,7 +78,7 @@ def record_forward(mon, index: int, output) -> None:
     call = _trace_call(mon, index)
     token = _trace_number(mon)  # a constant of the graph
     for role, t in flat_tensors(output, "output", []):
-        if t.dtype not in ops.STATS_DTYPES or t.layout != torch.strided:
+        if not _recordable(t):
             continue
         # a tensor returned by several nested modules is recorded once, for the innermost
         # (as in eager): traced code cannot keep a table of tensors, so the tensor carries a
@@ -98,7 +102,7 @@ def record_inputs(mon, args, kwargs) -> None:
     if kwargs:
         flat_tensors(kwargs, "input", tensors)
     for role, t in tensors:
-        if t.dtype not in ops.STATS_DTYPES or t.layout != torch.strided:
+        if not _recordable(t):
             continue
         slot, _, key, _ = _traced_site(mon, -1, "input", role, 0, str(t.device), t.dtype,
                                        False)
@@ -122,8 +126,7 @@ def record_output_grad(mon, index: int, role: str, call: int, sid: int,
     """The gradient hook of an eager forward's output traced by compiled autograd: one
     ``record_to`` in the compiled backward (the pybind entry would break its graph). The
     site keeps the stack of the forward call that produced the output (``sid``)."""
-    if torch.compiler.is_exporting() or grad.layout != torch.strided \
-            or grad.dtype not in ops.STATS_DTYPES:
+    if torch.compiler.is_exporting() or not _recordable(grad):
         return
     slot, _, key, _ = _traced_site(mon, index, "backward", role, call, str(grad.device),
                                    grad.dtype, False, sid, True)

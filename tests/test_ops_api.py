@@ -101,8 +101,7 @@ def test_record_to_merges_a_second_write_of_a_row_in_one_step():
         _C.begin_record_step(TEST_KEY)
         torch.ops.healthmon.record_to(c, TEST_KEY, 0)  # a new step: overwritten
         assert torch.equal(got[0], want[1])
-        got[0, 0] = -1.0  # marked unwritten by the monitor, then written twice
-        _C.begin_record_step(TEST_KEY)
+        _C.begin_record_step(TEST_KEY)  # a new step, written twice
         torch.ops.healthmon.record_to(c, TEST_KEY, 0)
         torch.ops.healthmon.record_to(c, TEST_KEY, 0)
         assert got[0, 0].item() == 4 and got[0, 8].item() == 14.0  # numel, sum
