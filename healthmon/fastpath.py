@@ -12,12 +12,19 @@ one execution order and the records and findings are the same.
 Sync mode on the CPU takes it too: C++ reads each record's NaN / Inf counts and hands only
 a flagged one to :meth:`Monitor._check_now` (which reports and may raise, as in Python).
 
+Parameter gradients: ``healthmon._C.ParamGradHooks`` (``csrc/param_hooks.cpp``) takes each
+watched parameter's post-accumulate-grad slot. In async mode it notes which parameters got a
+gradient and calls :meth:`Monitor._flush_param_grads` once when the backward ends (one Python
+call per backward instead of one per parameter); otherwise, and for compiled autograd, it
+hands over to the monitor's Python :class:`~healthmon.hooks.ParamHook`.
+
 ``HEALTHMON_FASTPATH=0`` keeps everything in Python (for benchmarks and bisecting).
 """
 from __future__ import annotations
 
 import os
 import weakref
+from collections import OrderedDict
 
 from . import ops
 
@@ -61,3 +68,26 @@ def prime_backward(mon, index: int, call: int, site) -> None:
     """The gradient site of call ``call`` of module ``index``'s single-tensor output."""
     mon._fast.prime_backward(index, call, site, site.buffer, site.slot, site.dtype,
                              site.device)
+
+
+def create_param_hooks(mon):
+    """A ``ParamGradHooks`` for monitor ``mon`` (held weakly by its end-of-backward call)."""
+    from . import _C
+    ref = weakref.ref(mon)
+
+    def flush(pindexes) -> None:
+        m = ref()
+        if m is not None:
+            m._flush_param_grads(pindexes)
+
+    return _C.ParamGradHooks(flush)
+
+
+def install_param_hook(mon, param, hook) -> None:
+    """Hook watched parameter ``hook.index`` in C++ (``hook``: its Python ParamHook)."""
+    if param._post_accumulate_grad_hooks is None:
+        # torch installs its dict hook in the slot on the first Python registration; made
+        # now, the user's later hooks join that dict (wrapped by ours) instead of replacing us
+        param._post_accumulate_grad_hooks = OrderedDict()
+    mon._param_hook_objs.append(hook)  # the C++ hook holds it weakly
+    mon._param_hooks.install(param, hook.index, hook)

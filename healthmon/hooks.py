@@ -222,9 +222,10 @@ class RootPreHook(OwnedHook):
 
 
 class ParamHook(OwnedHook):
-    """Post-accumulate-grad hook of watched parameter ``index``."""
+    """Post-accumulate-grad hook of watched parameter ``index`` (the C++ hooks of
+    :mod:`healthmon.fastpath` hold it weakly)."""
 
-    __slots__ = ()
+    __slots__ = ("__weakref__",)
 
     def __call__(self, param):
         if param is not self.target():

@@ -173,6 +173,8 @@ class Monitor(Decoder):
         self._opt_stepped = False  # an optimizer holding watched parameters has stepped
         self._cur = Step(0, True)
         self._fast = None  # healthmon._C.FastPath, or None (no extension, switched off)
+        self._param_hooks = None  # healthmon._C.ParamGradHooks (with the fast path)
+        self._param_hook_objs: List[ParamHook] = []  # what the C++ hooks call / hand over
         self._external_steps = False  # set_step() called: a trainer numbers the steps
         self._dist = None  # distributed.RankAgreement when torch.distributed is initialised
         self._drill: Optional[drilldown.Drilldown] = None  # sync mode: exact-op search
@@ -182,6 +184,7 @@ class Monitor(Decoder):
         # the eager hot path in C++ (csrc/fast_path.cpp); in sync mode it checks CPU
         # records itself and hands a flagged one to _check_now
         self._fast = fastpath.create(self)
+        self._param_hooks = fastpath.create_param_hooks(self) if self._fast is not None else None
         if config.log:
             self.sinks.append(_distributed.jsonl_sink(config.log))  # one file per rank
         self._attach(roots)
@@ -282,8 +285,12 @@ class Monitor(Decoder):
                 self._params.append(p)
                 self._param_sites.append((i, pname))
                 self._grad_roles.append(pname)
-                self._handles.append(p.register_post_accumulate_grad_hook(
-                    ParamHook(self, p, len(self._params) - 1)))
+                hook = ParamHook(self, p, len(self._params) - 1)
+                if self._param_hooks is None or type(p) is not nn.Parameter:
+                    # (FSDP2 calls a sharded DTensor parameter's Python hooks itself)
+                    self._handles.append(p.register_post_accumulate_grad_hook(hook))
+                else:  # in C++: no Python call per parameter per backward
+                    fastpath.install_param_hook(self, p, hook)
             _WATCHED[mod] = self
 
     def add(self, module: nn.Module, prefix: Optional[str] = None) -> None:
@@ -308,6 +315,8 @@ class Monitor(Decoder):
         if self._drill is not None:
             drilldown.uninstall(self._drill)
         _optimizer_hooks.discard(self)
+        if self._param_hooks is not None:
+            self._param_hooks.remove()  # each slot back to what it held (the user's hooks)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -407,6 +416,7 @@ class Monitor(Decoder):
             return
         if self._dist is None and _distributed.initialized():  # initialised after watch()
             self._dist = _distributed.attach(self, agree=True)
+            self._set_param_hook_mode()
         cur = self._cur
         # a root forward after a backward is a step boundary until an optimizer has stepped
         # (then the optimizer's steps are the steps); evaluation forwards never are
@@ -590,6 +600,27 @@ class Monitor(Decoder):
                 self._callback_queued = True
             except RuntimeError:
                 self._flush_grads()
+
+    def _set_param_hook_mode(self) -> None:
+        # the C++ hooks only note a gradient when all the Python hook would do is queue it
+        if self._param_hooks is not None:
+            self._param_hooks.set_queue(self._cur.active and not self.config.sync and
+                                        self._dist is None)
+
+    def _flush_param_grads(self, pindexes: List[int]) -> None:
+        """The C++ hooks' end of a backward: parameters ``pindexes`` have new gradients."""
+        if self._removed:
+            return
+        self._cur.backward = True
+        params = self._params
+        self._record_param_batch("grad", pindexes, [params[i].grad for i in pindexes], None)
+
+    def _flush_left_param_grads(self) -> None:
+        # gradients noted by a backward that failed before its end-of-backward callback
+        if self._param_hooks is not None:
+            left = self._param_hooks.take_pending()
+            if left:
+                self._flush_param_grads(list(dict.fromkeys(left)))
 
     def _flush_grads(self) -> None:
         """Record the queued parameter gradients: one multi-tensor op per device."""
@@ -813,6 +844,7 @@ class Monitor(Decoder):
             self._check_compiled_now(tuple(PHASE_RANK))
         if self._grad_queue:
             self._flush_grads()
+        self._flush_left_param_grads()
         cur = self._cur
         skip = self.config.on_anomaly == "skip"
         if (cur.order or self._rec.has_compiled) and (
@@ -948,6 +980,9 @@ class Monitor(Decoder):
         if self._fast is not None:
             self._fast.begin_step(self._cur.order, self._calls, self._seen, self._cur,
                                   self._cur.active and not self._rec.has_compiled)
+        if self._param_hooks is not None:
+            self._set_param_hook_mode()
+            self._param_hooks.verify()  # a slot replaced by an assignment: wrapped again
 
     def _end_step(self, apply_policy: bool = True, next_index: Optional[int] = None,
                   force: bool = False) -> None:
@@ -962,6 +997,7 @@ class Monitor(Decoder):
             return
         if self._grad_queue:
             self._flush_grads()
+        self._flush_left_param_grads()
         if cur.active and cur.backward and self._params:  # training steps only
             self._record_params()
         self._new_step(cur.index + 1 if next_index is None else next_index)
