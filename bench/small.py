@@ -17,6 +17,12 @@ for the whole run, steps interleaved round by round after a warm-up:
   sync   ``healthmon.watch(model, sync=True)``
   off    ``healthmon.watch(model)`` under ``HEALTHMON=off`` (must equal none)
 
+Extra variants (``--variants``), to measure what one piece of the C++ hot path buys:
+
+  async-py        async with ``HEALTHMON_FASTPATH=0`` (the whole monitor in Python)
+  async-pyparams  async with the parameter-gradient hooks in Python (one Python call per
+                  parameter per backward) instead of ``csrc/param_hooks.cpp``
+
 Host cost per recorded tensor: per round, (variant step time - none step time) / records per
 step (counted from the async monitor's ``mon.records()`` of one step), median over rounds.
 On a CPU with tiny tensors the kernels cost next to nothing, so this is the monitor's host
@@ -49,6 +55,26 @@ import models as M  # noqa: E402
 import overhead as O  # noqa: E402  (healthmon_env, _watch, the loss-guard hand-over)
 
 VARIANTS = ("none", "noop", "async", "sync", "off")
+EXTRA_VARIANTS = ("async-py", "async-pyparams")
+
+
+def _watch_async_variant(model, variant: str):
+    """``async`` with a piece of the C++ hot path switched off (see EXTRA_VARIANTS)."""
+    from healthmon import fastpath
+    saved_env = os.environ.get("HEALTHMON_FASTPATH")
+    saved_create = fastpath.create_param_hooks
+    if variant == "async-py":
+        os.environ["HEALTHMON_FASTPATH"] = "0"
+    else:
+        fastpath.create_param_hooks = lambda mon: None
+    try:
+        return O._watch(model, "async")
+    finally:
+        fastpath.create_param_hooks = saved_create
+        if saved_env is None:
+            os.environ.pop("HEALTHMON_FASTPATH", None)
+        else:
+            os.environ["HEALTHMON_FASTPATH"] = saved_env
 
 
 class NoopHooks:
@@ -89,8 +115,9 @@ class Runner:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=spec.lr)
         self.mon = None
         self.hooks = None
-        if variant in ("async", "sync", "off"):
-            self.mon = O._watch(self.model, variant)
+        if variant in ("async", "sync", "off") or variant in EXTRA_VARIANTS:
+            self.mon = O._watch(self.model, variant) if variant in VARIANTS else \
+                _watch_async_variant(self.model, variant)
             if self.mon.active:
                 O._LIVE_MONITORS.append(self.mon)
         elif variant == "noop":
@@ -263,8 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(T.describe_machine(info), flush=True)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
+        if v not in VARIANTS + EXTRA_VARIANTS:
+            p.error(f"unknown variant {v!r} (choose from "
+                    f"{', '.join(VARIANTS + EXTRA_VARIANTS)})")
     if "none" not in args.variants:
         args.variants.insert(0, "none")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
