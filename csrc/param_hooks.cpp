@@ -44,6 +44,7 @@ struct ParamState {
   bool alive = true;   // the monitor is not removed
   bool queue = false;  // this step: note gradients, record them once when the backward ends
   std::vector<int64_t> pending;  // parameters with a new gradient in this backward
+  std::vector<char> noted;       // [parameter index]: in `pending` (each once)
   int64_t queued_task = -1;      // graph task whose end-of-backward callback is queued
   py::object flush;    // Python: (list of parameter indexes) -> None
 };
@@ -56,6 +57,7 @@ void flush_pending(const std::weak_ptr<ParamState>& weak) {
   {
     std::lock_guard<std::mutex> lock(st->mu);
     pending.swap(st->pending);
+    for (int64_t i : pending) st->noted[i] = 0;
     st->queued_task = -1;
   }
   if (pending.empty() || !st->alive) return;
@@ -94,7 +96,10 @@ class ParamGradHook : public PostAccumulateGradHook {
           std::lock_guard<std::mutex> lock(st->mu);
           if (st->queue) {
             call_python = false;
-            st->pending.push_back(index_);
+            if (!st->noted[index_]) {  // (a nested backward may see a parameter again)
+              st->noted[index_] = 1;
+              st->pending.push_back(index_);
+            }
             const int64_t task = torch::autograd::get_current_graph_task_id();
             if (st->queued_task != task) {  // a failed backward never ran its callback
               st->queued_task = task;
@@ -177,6 +182,11 @@ class ParamGradHooks {
                 "healthmon: ParamGradHooks.install needs a leaf tensor that requires grad");
     py::object ref = py::reinterpret_steal<py::object>(PyWeakref_NewRef(py_hook.ptr(), nullptr));
     if (!ref) throw py::error_already_set();
+    TORCH_CHECK(index >= 0, "healthmon: ParamGradHooks.install needs an index >= 0");
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      if (static_cast<size_t>(index) >= state_->noted.size()) state_->noted.resize(index + 1, 0);
+    }
     entries_.push_back({param, index, std::move(ref), nullptr});
     wrap(entries_.back());
   }
@@ -205,6 +215,7 @@ class ParamGradHooks {
     std::lock_guard<std::mutex> lock(state_->mu);
     std::vector<int64_t> out;
     out.swap(state_->pending);
+    for (int64_t i : out) state_->noted[i] = 0;
     state_->queued_task = -1;
     return out;
   }
@@ -215,6 +226,7 @@ class ParamGradHooks {
       std::lock_guard<std::mutex> lock(state_->mu);
       state_->alive = false;
       state_->queue = false;
+      for (int64_t i : state_->pending) state_->noted[i] = 0;
       state_->pending.clear();
     }
     for (auto& e : entries_) {

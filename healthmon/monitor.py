@@ -620,7 +620,7 @@ class Monitor(Decoder):
         if self._param_hooks is not None:
             left = self._param_hooks.take_pending()
             if left:
-                self._flush_param_grads(list(dict.fromkeys(left)))
+                self._flush_param_grads(left)
 
     def _flush_grads(self) -> None:
         """Record the queued parameter gradients: one multi-tensor op per device."""

@@ -214,8 +214,9 @@ def test_stack_change_is_seen(monkeypatch):
 
 
 def test_monitor_is_freed_and_late_gradients_are_dropped(monkeypatch):
-    """The C++ side holds the monitor weakly (it is garbage collected after remove()), and a
-    graph built while watched can run backward after remove() without error or record."""
+    """The C++ side (forward and parameter hooks) holds the monitor weakly (it is garbage
+    collected after remove()), and a graph built while watched can run backward after
+    remove() without error or record."""
     monkeypatch.setenv("HEALTHMON_FASTPATH", "1")
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
     mon = healthmon.watch(model)
@@ -229,3 +230,6 @@ def test_monitor_is_freed_and_late_gradients_are_dropped(monkeypatch):
     del mon
     gc.collect()
     assert ref() is None
+    # the C++ parameter hooks are out of the slots: gradients accumulate as unwatched
+    model(torch.randn(2, 4)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
