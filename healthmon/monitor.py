@@ -189,6 +189,7 @@ class Monitor(Decoder):
             self.sinks.append(_distributed.jsonl_sink(config.log))  # one file per rank
         self._attach(roots)
         self._dist = _distributed.attach(self)
+        self._set_param_hook_mode()  # step 0 too (later: at each step's start)
 
     @property
     def _stacks(self):
