@@ -33,20 +33,14 @@ namespace py = pybind11;
 namespace healthmon {
 namespace {
 
-// One call (0, 1, ... in the step) of a watched module: its single-tensor output site and
-// that output's gradient site.
-struct CallCache {
+// One output of a call: its site and its gradient's site.
+struct OutCache {
   bool forward_ready = false;
   py::object buffer;       // records.DeviceBuffer (its .records may be replaced on growth)
   int64_t slot = 0;
   c10::ScalarType dtype = c10::ScalarType::Float;
   c10::Device device{c10::kCPU};
   py::object order_entry;  // the (site, stack id) tuple the step's order gets
-  int64_t sid = -1;
-  py::object sid_obj;      // the same id as a Python int (the module's stack id)
-  int user_start = 0;      // frames between the hook's caller and the first user frame
-  std::vector<std::pair<PyObject*, int>> frames;  // (code, line) of the re-checked frames
-  py::list codes;          // keeps those code objects alive
 
   bool backward_ready = false;
   py::object bwd_site;
@@ -54,6 +48,23 @@ struct CallCache {
   int64_t bwd_slot = 0;
   c10::ScalarType bwd_dtype = c10::ScalarType::Float;
   c10::Device bwd_device{c10::kCPU};
+};
+
+// One call (0, 1, ... in the step) of a watched module: its outputs (one tensor, or a flat
+// tuple of tensors and Nones) and the stack it was called from.
+struct CallCache {
+  int64_t nparts = 0;         // 0: the output is one tensor; n: a tuple of n items
+  std::vector<OutCache> outs;  // [item] (one for a single tensor)
+  bool stack_ready = false;  // sid and frames below were primed by a forward
+  int64_t sid = -1;
+  py::object sid_obj;      // the same id as a Python int (the module's stack id)
+  int user_start = 0;      // frames between the hook's caller and the first user frame
+  std::vector<std::pair<PyObject*, int>> frames;  // (code, line) of the re-checked frames
+  py::list codes;          // keeps those code objects alive
+
+  OutCache* out(int64_t part) {
+    return part >= 0 && static_cast<size_t>(part) < outs.size() ? &outs[part] : nullptr;
+  }
 };
 
 struct State {
@@ -65,7 +76,7 @@ struct State {
   py::object calls;      // list of int: calls of each module in the step
   py::object seen;       // dict: id(tensor) -> (weakref, recorded forward, hooked backward)
   py::object step;       // records.Step (its .backward is set by a gradient)
-  py::object grad_fallback;  // Python: (index, call, sid, grad), the slow gradient path
+  py::object grad_fallback;  // Python: (index, call, part, sid, grad), the slow gradient path
   py::object check_now;  // Python: (site, sid), sync mode's judgement of a bad record
   py::object mod_stack;  // list of int: each module's last stack id (parameter records)
 };
@@ -119,9 +130,11 @@ void call_python(const py::object& fn, Args&&... args) {
 // records nothing.
 class GradRecord : public torch::autograd::FunctionPreHook {
  public:
-  GradRecord(std::weak_ptr<State> state, int64_t index, int64_t call, int64_t sid,
-             uint32_t output_nr)
-      : state_(std::move(state)), index_(index), call_(call), sid_(sid), output_nr_(output_nr) {}
+  // part: the output's item in a tuple output, -1 for a single-tensor output
+  GradRecord(std::weak_ptr<State> state, int64_t index, int64_t call, int64_t part,
+             int64_t sid, uint32_t output_nr)
+      : state_(std::move(state)), index_(index), call_(call), part_(part), sid_(sid),
+        output_nr_(output_nr) {}
 
   torch::autograd::variable_list operator()(
       const torch::autograd::variable_list& grads) override {
@@ -130,13 +143,14 @@ class GradRecord : public torch::autograd::FunctionPreHook {
     py::gil_scoped_acquire gil;
     auto st = state_.lock();
     if (!st || !st->alive) return grads;
-    CallCache& c = st->modules[index_][call_];
-    if (!c.backward_ready || !plain_dense(g) || g.scalar_type() != c.bwd_dtype ||
-        g.device() != c.bwd_device || (st->sync && !c.bwd_device.is_cpu())) {
-      call_python(st->grad_fallback, index_, call_, sid_,
+    OutCache* o = st->modules[index_][call_].out(part_ < 0 ? 0 : part_);
+    if (o == nullptr || !o->backward_ready || !plain_dense(g) || g.scalar_type() != o->bwd_dtype ||
+        g.device() != o->bwd_device || (st->sync && !o->bwd_device.is_cpu())) {
+      call_python(st->grad_fallback, index_, call_, part_, sid_,
                   py::reinterpret_steal<py::object>(THPVariable_Wrap(g)));
       return grads;
     }
+    OutCache& c = *o;
     static PyObject* backward_attr = PyUnicode_InternFromString("backward");  // never freed
     if (PyObject_SetAttr(st->step.ptr(), backward_attr, Py_True) < 0) throw python_error();
     at::Tensor records = record_into(g, c.bwd_buffer, c.bwd_slot);
@@ -157,6 +171,7 @@ class GradRecord : public torch::autograd::FunctionPreHook {
   std::weak_ptr<State> state_;
   int64_t index_;
   int64_t call_;
+  int64_t part_;
   int64_t sid_;
   uint32_t output_nr_;
 };
@@ -222,15 +237,30 @@ class FastPath {
     state_->enabled = false;
   }
 
-  void prime_forward(int64_t index, int64_t call, py::object site, py::object buffer,
-                     int64_t slot, py::object dtype, py::object device, int64_t sid,
-                     int user_start, py::list frames) {
+  // Item `part` of call `call`'s output (nparts 0: a single tensor, part 0; n: a tuple of
+  // n items) was recorded at `site` from stack `sid`.
+  void prime_forward(int64_t index, int64_t call, int64_t part, int64_t nparts,
+                     py::object site, py::object buffer, int64_t slot, py::object dtype,
+                     py::object device, int64_t sid, int user_start, py::list frames) {
+    TORCH_CHECK(nparts >= 0 && part >= 0 && part < std::max<int64_t>(nparts, 1),
+                "healthmon: prime_forward part out of range");
     CallCache& c = cache(index, call);
-    c.buffer = std::move(buffer);
-    c.slot = slot;
-    c.dtype = torch::python::detail::py_object_to_dtype(dtype);
-    c.device = torch::python::detail::py_object_to_device(device);
-    c.order_entry = py::make_tuple(site, sid);
+    const size_t items = static_cast<size_t>(std::max<int64_t>(nparts, 1));
+    if (c.nparts != nparts) {  // another kind of output than before: start over
+      c.nparts = nparts;
+      c.outs.assign(items, OutCache());
+    } else if (c.outs.size() < items) {  // (only a gradient primed so far)
+      c.outs.resize(items);
+    }
+    OutCache& o = c.outs[part];
+    o.buffer = std::move(buffer);
+    o.slot = slot;
+    o.dtype = torch::python::detail::py_object_to_dtype(dtype);
+    o.device = torch::python::detail::py_object_to_device(device);
+    o.order_entry = py::make_tuple(site, sid);
+    if (c.sid != sid) {  // the other items' entries name the old stack
+      for (auto& other : c.outs) other.forward_ready = false;
+    }
     c.sid = sid;
     c.sid_obj = py::int_(sid);
     c.user_start = user_start;
@@ -241,12 +271,17 @@ class FastPath {
       c.codes.append(pair[0]);
       c.frames.emplace_back(pair[0].ptr(), pair[1].cast<int>());
     }
-    c.forward_ready = true;
+    o.forward_ready = true;
+    c.stack_ready = true;
   }
 
-  void prime_backward(int64_t index, int64_t call, py::object site, py::object buffer,
-                      int64_t slot, py::object dtype, py::object device) {
-    CallCache& c = cache(index, call);
+  // The gradient site of item `part` of call `call`'s output.
+  void prime_backward(int64_t index, int64_t call, int64_t part, py::object site,
+                      py::object buffer, int64_t slot, py::object dtype, py::object device) {
+    TORCH_CHECK(part >= 0, "healthmon: prime_backward part out of range");
+    CallCache& call_cache = cache(index, call);
+    if (static_cast<size_t>(part) >= call_cache.outs.size()) call_cache.outs.resize(part + 1);
+    OutCache& c = call_cache.outs[part];
     c.bwd_site = std::move(site);
     c.bwd_buffer = std::move(buffer);
     c.bwd_slot = slot;
@@ -261,7 +296,8 @@ class FastPath {
     if (!st.enabled || index < 0 || static_cast<size_t>(index) >= st.modules.size())
       return false;
     PyObject* out = output.ptr();
-    if (!THPVariable_CheckExact(out)) return false;
+    const bool single = THPVariable_CheckExact(out);
+    if (!single && !PyTuple_CheckExact(out)) return false;
     PyObject* calls = st.calls.ptr();
     if (index >= PyList_GET_SIZE(calls) || index >= PyList_GET_SIZE(st.mod_stack.ptr()))
       return false;
@@ -269,42 +305,70 @@ class FastPath {
     auto& module_calls = st.modules[index];
     if (call < 0 || static_cast<size_t>(call) >= module_calls.size()) return false;
     CallCache& c = module_calls[call];
-    if (!c.forward_ready) return false;
+    if (!c.stack_ready) return false;
+    const Py_ssize_t n = single ? 1 : PyTuple_GET_SIZE(out);
+    if (c.nparts != (single ? 0 : n) || n < 1 || static_cast<size_t>(n) > c.outs.size())
+      return false;
     if (torch::autograd::get_current_graph_task_id() >= 0)
       return false;  // recomputation (activation checkpointing) inside backward
-    const at::Tensor& t = THPVariable_Unpack(out);
-    if (!plain_dense(t) || t.scalar_type() != c.dtype || t.device() != c.device) return false;
-    if (st.sync && !c.device.is_cpu()) return false;  // reading the row would sync the device
-    if (!same_stack(c)) return false;
-    const bool want_bwd = t.grad_fn() != nullptr && c10::GradMode::is_enabled();
+    const bool grad_mode = c10::GradMode::is_enabled();
 
-    py::object key = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(out));
-    PyObject* entry = PyDict_GetItem(st.seen.ptr(), key.ptr());  // borrowed
-    if (entry != nullptr && PyWeakref_GetObject(PyTuple_GET_ITEM(entry, 0)) == out) {
-      // an inner module returned this very tensor: recorded there, unless its gradient
-      // still needs a hook (the Python path adds it)
-      if (!(PyObject_IsTrue(PyTuple_GET_ITEM(entry, 2)) || !want_bwd)) return false;
-      set_called(index, call, c);
-      return true;
+    // First every item is checked (anything unusual: the Python path, before any side
+    // effect), then recorded. An item an inner module returned is recorded there.
+    enum Plan : char { kSkip, kRecord };
+    constexpr Py_ssize_t kMaxItems = 16;
+    if (n > kMaxItems) return false;
+    Plan plan[kMaxItems];
+    py::object keys[kMaxItems];
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = single ? out : PyTuple_GET_ITEM(out, i);
+      plan[i] = kSkip;
+      if (item == Py_None) continue;
+      if (!THPVariable_CheckExact(item)) return false;
+      for (Py_ssize_t j = 0; j < i; ++j) {
+        if (PyTuple_GET_ITEM(out, j) == item) return false;  // the same tensor twice
+      }
+      const at::Tensor& t = THPVariable_Unpack(item);
+      if (!plain_dense(t)) return false;
+      const bool want_bwd = t.grad_fn() != nullptr && grad_mode;
+      keys[i] = py::reinterpret_steal<py::object>(PyLong_FromVoidPtr(item));
+      PyObject* entry = PyDict_GetItem(st.seen.ptr(), keys[i].ptr());  // borrowed
+      if (entry != nullptr && PyWeakref_GetObject(PyTuple_GET_ITEM(entry, 0)) == item) {
+        // recorded by an inner module: done, unless its gradient still needs a hook
+        if (!(PyObject_IsTrue(PyTuple_GET_ITEM(entry, 2)) || !want_bwd)) return false;
+        continue;
+      }
+      const OutCache& o = c.outs[i];
+      if (!o.forward_ready || t.scalar_type() != o.dtype || t.device() != o.device) return false;
+      if (st.sync && !o.device.is_cpu()) return false;  // reading the row would sync
+      if (want_bwd && !o.backward_ready) return false;  // the gradient site is not known yet
+      plan[i] = kRecord;
     }
-    if (want_bwd && !c.backward_ready) return false;  // the gradient site is not known yet
+    if (!same_stack(c)) return false;
 
     set_called(index, call, c);
-    at::Tensor records = record_into(t, c.buffer, c.slot);
-    if (PyList_Append(st.order.ptr(), c.order_entry.ptr()) < 0) throw py::error_already_set();
-    if (st.sync && row_flagged(records, c.slot)) {  // Python judges, reports, may raise
-      py::tuple entry = py::reinterpret_borrow<py::tuple>(c.order_entry);
-      st.check_now(entry[0], entry[1]);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (plan[i] != kRecord) continue;
+      PyObject* item = single ? out : PyTuple_GET_ITEM(out, i);
+      const at::Tensor& t = THPVariable_Unpack(item);
+      const OutCache& o = c.outs[i];
+      const bool want_bwd = t.grad_fn() != nullptr && grad_mode;
+      at::Tensor records = record_into(t, o.buffer, o.slot);
+      if (PyList_Append(st.order.ptr(), o.order_entry.ptr()) < 0) throw py::error_already_set();
+      if (st.sync && row_flagged(records, o.slot)) {  // Python judges, reports, may raise
+        py::tuple entry = py::reinterpret_borrow<py::tuple>(o.order_entry);
+        st.check_now(entry[0], entry[1]);
+      }
+      if (want_bwd) {
+        t.grad_fn()->add_pre_hook(std::make_unique<GradRecord>(
+            state_, index, call, single ? -1 : i, c.sid, t.output_nr()));
+      }
+      py::object ref = py::reinterpret_steal<py::object>(PyWeakref_NewRef(item, nullptr));
+      if (!ref) throw py::error_already_set();
+      py::tuple value = py::make_tuple(ref, true, want_bwd);
+      if (PyDict_SetItem(st.seen.ptr(), keys[i].ptr(), value.ptr()) < 0)
+        throw py::error_already_set();
     }
-    if (want_bwd) {
-      t.grad_fn()->add_pre_hook(
-          std::make_unique<GradRecord>(state_, index, call, c.sid, t.output_nr()));
-    }
-    py::object ref = py::reinterpret_steal<py::object>(PyWeakref_NewRef(out, nullptr));
-    if (!ref) throw py::error_already_set();
-    py::tuple value = py::make_tuple(ref, true, want_bwd);
-    if (PyDict_SetItem(st.seen.ptr(), key.ptr(), value.ptr()) < 0)
-      throw py::error_already_set();
     return true;
   }
 

@@ -1,7 +1,8 @@
 """The monitor's eager hot path in C++ (``healthmon._C.FastPath``, ``csrc/fast_path.cpp``).
 
 A watched module's forward hook first offers its output to the fast path: when the module's
-first call in the step returned one plain tensor of the dtype and device of its cached site,
+call returned one plain tensor (or a flat tuple of them) of the dtype and device of its cached
+sites,
 from the same user frames as the cached stack, C++ records it, appends its order entry,
 registers a C++ node pre-hook for its gradient and marks it seen, with no Python bytecode.
 Anything else falls through to :meth:`Monitor._on_forward` (which primes the cache here for
@@ -37,10 +38,10 @@ def create(mon):
     from . import _C
     ref = weakref.ref(mon)  # the C++ side must not keep the monitor alive
 
-    def grad_fallback(index: int, call: int, sid: int, grad) -> None:
+    def grad_fallback(index: int, call: int, part: int, sid: int, grad) -> None:
         m = ref()
         if m is not None:
-            m._grad_fallback(index, call, sid, grad)
+            m._grad_fallback(index, call, part, sid, grad)
 
     def check_now(site, sid: int) -> None:
         m = ref()
@@ -53,20 +54,23 @@ def create(mon):
     return fast
 
 
-def prime_forward(mon, index: int, call: int, site, sid: int) -> None:
-    """Call ``call`` of module ``index`` recorded its output at ``site`` with stack ``sid``
-    (slow path): the fast path takes that call from the same place in the next steps."""
-    if mon._fast_primed.get((index, call)) == (site, sid):
+def prime_forward(mon, index: int, call: int, site, sid: int, part: int = 0,
+                  nparts: int = 0) -> None:
+    """Call ``call`` of module ``index`` recorded its output (``nparts`` 0: one tensor;
+    else item ``part`` of a tuple of ``nparts``) at ``site`` with stack ``sid`` (slow path):
+    the fast path takes that call from the same place in the next steps."""
+    if mon._fast_primed.get((index, call, part)) == (site, sid, nparts):
         return
     start, frames = mon._stacks.recheck_frames(sid)
-    mon._fast.prime_forward(index, call, site, site.buffer, site.slot, site.dtype,
-                            site.device, sid, start, frames)
-    mon._fast_primed[(index, call)] = (site, sid)
+    mon._fast.prime_forward(index, call, part, nparts, site, site.buffer, site.slot,
+                            site.dtype, site.device, sid, start, frames)
+    mon._fast_primed[(index, call, part)] = (site, sid, nparts)
 
 
-def prime_backward(mon, index: int, call: int, site) -> None:
-    """The gradient site of call ``call`` of module ``index``'s single-tensor output."""
-    mon._fast.prime_backward(index, call, site, site.buffer, site.slot, site.dtype,
+def prime_backward(mon, index: int, call: int, site, part: int = 0) -> None:
+    """The gradient site of call ``call`` of module ``index``'s output (item ``part`` of a
+    tuple output)."""
+    mon._fast.prime_backward(index, call, part, site, site.buffer, site.slot, site.dtype,
                              site.device)
 
 

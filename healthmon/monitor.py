@@ -389,16 +389,20 @@ class Monitor(Decoder):
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def _record(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
-                call: int, sid: int) -> None:
+                call: int, sid: int) -> Optional[Site]:
+        """Record ``t`` (a subclass: one row per inner tensor); returns its site, or None
+        (skipped, or several rows)."""
         parts, reason = record_parts(t, role)  # subclasses: one row per inner tensor
         if reason is not None:
             self._skip(reason)
-            return
+            return None
+        site = None
         for part_role, part in parts:
-            self._record_ok(part, module, name, phase, part_role, call, sid)
+            site = self._record_ok(part, module, name, phase, part_role, call, sid)
+        return site if len(parts) == 1 else None
 
     def _record_ok(self, t: torch.Tensor, module: int, name: str, phase: str, role: str,
-                   call: int, sid: int, site: Optional[Site] = None) -> None:
+                   call: int, sid: int, site: Optional[Site] = None) -> Site:
         if site is None:
             t = local_tensor(t)  # a DTensor's local shard (no communication)
             site = self._site(module, name, phase, role, call, t.device, t.dtype)
@@ -406,6 +410,7 @@ class Monitor(Decoder):
         self._cur.order.append((site, sid))
         if self.config.sync:
             self._check_now(site, sid)
+        return site
 
     def _on_root_forward(self, module, args, kwargs) -> None:
         if self._removed:
@@ -477,6 +482,7 @@ class Monitor(Decoder):
         name = self._names[index]
         grad_on = torch.is_grad_enabled()
         seen = self._seen
+        recorded: Dict[str, Site] = {}  # role -> site of the plain tensors recorded here
         for role, t in walk(output, "output"):
             entry = seen.get(id(t))
             if entry is not None and entry[0]() is not t:
@@ -490,7 +496,9 @@ class Monitor(Decoder):
                     self._skip(reason)
                     continue
             if not fwd_done and not recompute:
-                self._record(t, index, name, "forward", role, call, sid)
+                site = self._record(t, index, name, "forward", role, call, sid)
+                if site is not None and type(t) in _PLAIN:
+                    recorded[role] = site
             if want_bwd:
                 t.grad_fn.register_prehook(_GradHook(self, index, "grad_" + role, call, sid,
                                                      t.output_nr))
@@ -498,6 +506,13 @@ class Monitor(Decoder):
                 seen[id(t)] = (weakref.ref(t), True, want_bwd)
             elif want_bwd or not fwd_done:
                 seen[id(t)] = (entry[0], True, bwd_done or want_bwd)
+        if recorded and type(output) is tuple and self._fast is not None:
+            # a flat tuple output: the fast path takes its items from the next step on
+            n = len(output)
+            for i, item in enumerate(output):
+                site = recorded.get(f"output[{i}]")
+                if site is not None and item is not None:
+                    fastpath.prime_forward(self, index, call, site, sid, i, n)
 
     def _forward_tensor(self, index: int, call: int, t: torch.Tensor, sid: int) -> None:
         """The common case: call ``call`` of a module in the step returned one plain
@@ -567,13 +582,24 @@ class Monitor(Decoder):
                 _cache(self._bwd_cache[hook.index], hook.call, site)
                 if self._fast is not None:
                     fastpath.prime_backward(self, hook.index, hook.call, site)
+            elif self._fast is not None and hook.role.startswith("grad_output[") and \
+                    hook.role[12:-1].isdigit() and hook.role.endswith("]"):
+                # item i of a tuple output (a list's items prime nothing the fast path uses)
+                fastpath.prime_backward(self, hook.index, hook.call, site,
+                                        int(hook.role[12:-1]))
         self._record_ok(grad, 0, "", "", "", 0, hook.sid, site)
 
-    def _grad_fallback(self, index: int, call: int, sid: int, grad: torch.Tensor) -> None:
-        """A gradient the C++ hook of a fast-path output does not record itself (a new
-        dtype or device, a subclass): the Python path, as if its hook had been ours."""
-        self._on_grad(_GradHook(self, index, "grad_output", call, sid, 0,
-                                _cached(self._bwd_cache[index], call)), grad)
+    def _grad_fallback(self, index: int, call: int, part: int, sid: int,
+                       grad: torch.Tensor) -> None:
+        """A gradient the C++ hook of a fast-path output (item ``part`` of a tuple, -1: a
+        single tensor) does not record itself (a new dtype or device, a subclass): the
+        Python path, as if its hook had been ours."""
+        if part < 0:
+            hook = _GradHook(self, index, "grad_output", call, sid, 0,
+                             _cached(self._bwd_cache[index], call))
+        else:
+            hook = _GradHook(self, index, f"grad_output[{part}]", call, sid)
+        self._on_grad(hook, grad)
 
     def _on_param_grad(self, pindex: int, param) -> None:
         if self._removed:

@@ -233,3 +233,81 @@ def test_monitor_is_freed_and_late_gradients_are_dropped(monkeypatch):
     # the C++ parameter hooks are out of the slots: gradients accumulate as unwatched
     model(torch.randn(2, 4)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+class _Attn(nn.Module):
+    """Returns (output, None), as attention layers do without attention weights."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x)), None
+
+
+class _TwoHeads(nn.Module):
+    """A policy's shape: a flat tuple whose second item is an inner module's output."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.attn = _Attn(d)
+        self.action = nn.Linear(d, 2)
+        self.value = nn.Linear(d, 1)
+        self.poison = False
+
+    def forward(self, x):
+        h, _ = self.attn(x)
+        logits = self.action(h)
+        if self.poison:
+            logits = logits * torch.tensor(float("nan"))
+        return torch.log_softmax(logits, -1), self.value(h)
+
+
+def _run_two_heads(monkeypatch, fast: bool, poison_step: int = -1):
+    monkeypatch.setenv("HEALTHMON_FASTPATH", "1" if fast else "0")
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rows, python_records = [], []
+
+    class Keep:
+        def write_step(self, step, step_rows):
+            rows.append([(r["site"], r["phase"], r["role"], r["call"], r["nan"],
+                          round(r["sum"], 9)) for r in step_rows])
+
+    mon = healthmon.watch(model, on_anomaly="log", sinks=[Keep()])
+    original = mon._record_ok
+    monkeypatch.setattr(mon, "_record_ok", lambda *a, **k: (
+        python_records.append((mon._cur.index, a[3] or a[7].phase)), original(*a, **k))[1])
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        model.poison = step == poison_step
+        loss = 0
+        for _ in range(3):  # several forwards before one backward (calls 0, 1, 2)
+            logp, value = model(torch.randn(2, 6, generator=gen))
+            loss = loss + logp[:, 0].sum() + value.square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    mon.check()
+    findings = [(a.step, a.site, a.phase, a.role) for a in mon.anomalies]
+    mon.remove()
+    return rows, findings, python_records
+
+
+@pytest.mark.parametrize("poison_step", [-1, 3])
+def test_tuple_outputs_take_the_fast_path_with_the_same_records(monkeypatch, poison_step):
+    """Flat tuple outputs (an item None, an item an inner module's output) are recorded
+    in C++ from the second step on, with the records and findings of the Python path."""
+    slow, slow_found, _ = _run_two_heads(monkeypatch, False, poison_step)
+    fast, fast_found, python = _run_two_heads(monkeypatch, True, poison_step)
+    assert fast == slow and fast_found == slow_found
+    assert bool(fast_found) == (poison_step >= 0)
+    roles = {r[2] for step in fast for r in step}
+    assert {"output[0]", "grad_output[0]"} <= roles  # the root's and the attention's item
+    # after the first step only the root's inputs, the loss and the parameters are Python
+    # records
+    later = {phase for step, phase in python if 1 <= step < poison_step or
+             (poison_step < 0 and step >= 1)}
+    assert later <= {"input", "loss", "param", "grad"}, later
