@@ -22,6 +22,8 @@ Extra variants (``--variants``), to measure what one piece of the C++ hot path b
   async-py        async with ``HEALTHMON_FASTPATH=0`` (the whole monitor in Python)
   async-pyparams  async with the parameter-gradient hooks in Python (one Python call per
                   parameter per backward) instead of ``csrc/param_hooks.cpp``
+  async-pytuples  async with tuple outputs left to the Python path (the C++ fast path
+                  takes single-tensor outputs only)
 
 Host cost per recorded tensor: per round, (variant step time - none step time) / records per
 step (counted from the async monitor's ``mon.records()`` of one step), median over rounds.
@@ -35,6 +37,7 @@ time per record; the issue's target is <= 5 us (async, deep stack).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import io
@@ -55,7 +58,24 @@ import models as M  # noqa: E402
 import overhead as O  # noqa: E402  (healthmon_env, _watch, the loss-guard hand-over)
 
 VARIANTS = ("none", "noop", "async", "sync", "off")
-EXTRA_VARIANTS = ("async-py", "async-pyparams")
+EXTRA_VARIANTS = ("async-py", "async-pyparams", "async-pytuples")
+
+
+@contextlib.contextmanager
+def _tuples_in_python():
+    """While active, tuple outputs are never handed to the C++ fast path."""
+    from healthmon import fastpath
+    prime = fastpath.prime_forward
+
+    def single_only(mon, index, call, site, sid, part=0, nparts=0):
+        if nparts == 0:
+            prime(mon, index, call, site, sid, part, nparts)
+
+    fastpath.prime_forward = single_only
+    try:
+        yield
+    finally:
+        fastpath.prime_forward = prime
 
 
 def _watch_async_variant(model, variant: str):
@@ -65,7 +85,7 @@ def _watch_async_variant(model, variant: str):
     saved_create = fastpath.create_param_hooks
     if variant == "async-py":
         os.environ["HEALTHMON_FASTPATH"] = "0"
-    else:
+    elif variant == "async-pyparams":
         fastpath.create_param_hooks = lambda mon: None
     try:
         return O._watch(model, "async")
@@ -125,9 +145,11 @@ class Runner:
 
     def step(self):
         O._own_loss_guard(self.mon)
-        self.spec.step(self.model, self.opt)
-        if self.mon is not None:
-            O._call(self.mon, "step")
+        with _tuples_in_python() if self.variant == "async-pytuples" else \
+                contextlib.nullcontext():
+            self.spec.step(self.model, self.opt)
+            if self.mon is not None:
+                O._call(self.mon, "step")
 
     def records_per_step(self) -> int:
         """Rows one step records (async / sync monitors only)."""
