@@ -1,9 +1,10 @@
 // The monitor's eager hot path in C++ (healthmon._C.FastPath): the common case of a watched
-// module's forward hook (its first call in the step returned one plain tensor, from the same
-// two user frames as last time) and the gradient of that output, without Python bytecode.
+// module's forward hook (a call of the step returned one plain tensor, or a flat tuple of
+// plain tensors and Nones, from the same two user frames as last time) and the gradients of
+// those outputs, without Python bytecode.
 //
-// It does exactly what healthmon/monitor.py's Monitor._forward_tensor / _on_grad do for that
-// case, on the monitor's own Python objects (the step's order list, call counts, the
+// It does exactly what healthmon/monitor.py's Monitor._forward_tensor / _on_forward /
+// _on_grad do for that case, on the monitor's own Python objects (the step's order list, call counts, the
 // seen-tensor dict, the Step), so the Python slow path and this one interleave freely. Any
 // other case (first call of a site, another dtype or device, a tensor subclass or functorch
 // wrapper, a stack that changed, recomputation in backward, sync mode off the CPU, compiled
