@@ -47,6 +47,16 @@ struct ParamState {
   std::vector<char> noted;       // [parameter index]: in `pending` (each once)
   int64_t queued_task = -1;      // graph task whose end-of-backward callback is queued
   py::object flush;    // Python: (list of parameter indexes) -> None
+
+  // The last owner may be a hook or a callback running without the GIL.
+  ~ParamState() {
+    if (Py_IsInitialized()) {
+      py::gil_scoped_acquire gil;
+      flush = py::object();
+    } else {
+      flush.release();  // the interpreter is gone: leak the reference
+    }
+  }
 };
 
 // Runs the end-of-backward callback: hands the noted parameters to Python.

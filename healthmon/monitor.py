@@ -482,7 +482,9 @@ class Monitor(Decoder):
         name = self._names[index]
         grad_on = torch.is_grad_enabled()
         seen = self._seen
-        recorded: Dict[str, Site] = {}  # role -> site of the plain tensors recorded here
+        # a flat tuple's items: the fast path takes them from the next step on (by index)
+        items = {id(item): i for i, item in enumerate(output)} \
+            if type(output) is tuple and self._fast is not None and not recompute else None
         for role, t in walk(output, "output"):
             entry = seen.get(id(t))
             if entry is not None and entry[0]() is not t:
@@ -495,24 +497,18 @@ class Monitor(Decoder):
                 if reason is not None:
                     self._skip(reason)
                     continue
+            part = items.get(id(t), -1) if items else -1
             if not fwd_done and not recompute:
                 site = self._record(t, index, name, "forward", role, call, sid)
-                if site is not None and type(t) in _PLAIN:
-                    recorded[role] = site
+                if part >= 0 and site is not None and type(t) in _PLAIN:
+                    fastpath.prime_forward(self, index, call, site, sid, part, len(output))
             if want_bwd:
                 t.grad_fn.register_prehook(_GradHook(self, index, "grad_" + role, call, sid,
-                                                     t.output_nr))
+                                                     t.output_nr, part=part))
             if entry is None:
                 seen[id(t)] = (weakref.ref(t), True, want_bwd)
             elif want_bwd or not fwd_done:
                 seen[id(t)] = (entry[0], True, bwd_done or want_bwd)
-        if recorded and type(output) is tuple and self._fast is not None:
-            # a flat tuple output: the fast path takes its items from the next step on
-            n = len(output)
-            for i, item in enumerate(output):
-                site = recorded.get(f"output[{i}]")
-                if site is not None and item is not None:
-                    fastpath.prime_forward(self, index, call, site, sid, i, n)
 
     def _forward_tensor(self, index: int, call: int, t: torch.Tensor, sid: int) -> None:
         """The common case: call ``call`` of a module in the step returned one plain
@@ -582,11 +578,8 @@ class Monitor(Decoder):
                 _cache(self._bwd_cache[hook.index], hook.call, site)
                 if self._fast is not None:
                     fastpath.prime_backward(self, hook.index, hook.call, site)
-            elif self._fast is not None and hook.role.startswith("grad_output[") and \
-                    hook.role[12:-1].isdigit() and hook.role.endswith("]"):
-                # item i of a tuple output (a list's items prime nothing the fast path uses)
-                fastpath.prime_backward(self, hook.index, hook.call, site,
-                                        int(hook.role[12:-1]))
+            elif hook.part >= 0 and self._fast is not None:  # an item of a tuple output
+                fastpath.prime_backward(self, hook.index, hook.call, site, hook.part)
         self._record_ok(grad, 0, "", "", "", 0, hook.sid, site)
 
     def _grad_fallback(self, index: int, call: int, part: int, sid: int,
@@ -598,7 +591,7 @@ class Monitor(Decoder):
             hook = _GradHook(self, index, "grad_output", call, sid, 0,
                              _cached(self._bwd_cache[index], call))
         else:
-            hook = _GradHook(self, index, f"grad_output[{part}]", call, sid)
+            hook = _GradHook(self, index, f"grad_output[{part}]", call, sid, part=part)
         self._on_grad(hook, grad)
 
     def _on_param_grad(self, pindex: int, param) -> None:
@@ -642,8 +635,11 @@ class Monitor(Decoder):
         params = self._params
         self._record_param_batch("grad", pindexes, [params[i].grad for i in pindexes], None)
 
-    def _flush_left_param_grads(self) -> None:
-        # gradients noted by a backward that failed before its end-of-backward callback
+    def _flush_pending_grads(self) -> None:
+        """Parameter gradients not recorded yet: the Python hooks' queue (its callback did
+        not run) and the C++ hooks' notes of a backward that failed before its end."""
+        if self._grad_queue:
+            self._flush_grads()
         if self._param_hooks is not None:
             left = self._param_hooks.take_pending()
             if left:
@@ -869,9 +865,7 @@ class Monitor(Decoder):
             return
         if self.config.sync and self._rec.has_compiled:
             self._check_compiled_now(tuple(PHASE_RANK))
-        if self._grad_queue:
-            self._flush_grads()
-        self._flush_left_param_grads()
+        self._flush_pending_grads()
         cur = self._cur
         skip = self.config.on_anomaly == "skip"
         if (cur.order or self._rec.has_compiled) and (
@@ -1022,9 +1016,7 @@ class Monitor(Decoder):
             if next_index is not None:
                 self._new_step(next_index)
             return
-        if self._grad_queue:
-            self._flush_grads()
-        self._flush_left_param_grads()
+        self._flush_pending_grads()
         if cur.active and cur.backward and self._params:  # training steps only
             self._record_params()
         self._new_step(cur.index + 1 if next_index is None else next_index)
@@ -1096,14 +1088,15 @@ _optimizer_hooks = _OptimizerHooks()
 class _GradHook:
     """Pre-hook of a module output's autograd node: records the output's gradient (eager).
     ``site``: the gradient site, handed over when known (the monitor keeps it per module
-    for the common single-tensor output), else looked up on the first call."""
+    for the common single-tensor output), else looked up on the first call. ``part``: the
+    output's index in a flat tuple output (-1: not one), for the C++ fast path."""
 
-    __slots__ = ("monitor", "index", "role", "call", "sid", "output_nr", "site")
+    __slots__ = ("monitor", "index", "role", "call", "sid", "output_nr", "site", "part")
 
     def __init__(self, monitor: Monitor, index: int, role: str, call: int, sid: int,
-                 output_nr: int = 0, site: Optional[Site] = None):
+                 output_nr: int = 0, site: Optional[Site] = None, part: int = -1):
         self.monitor, self.index, self.role, self.call, self.sid = monitor, index, role, call, sid
-        self.output_nr, self.site = output_nr, site
+        self.output_nr, self.site, self.part = output_nr, site, part
 
     def __call__(self, grad_outputs):
         grad = grad_outputs[self.output_nr]
