@@ -180,6 +180,7 @@ void multi_record(std::vector<at::Tensor> xs, at::Tensor records, std::vector<in
 namespace healthmon {
 void register_fast_path(pybind11::module& m);  // fast_path.cpp
 void register_param_hooks(pybind11::module& m);  // param_hooks.cpp
+void register_rules(pybind11::module& m);  // rules.cpp
 }
 
 TORCH_LIBRARY_IMPL(healthmon, CompositeExplicitAutograd, m) {
@@ -212,6 +213,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("LABEL_FIELDS") = pybind11::tuple(label_fields);
   healthmon::register_fast_path(m);
   healthmon::register_param_hooks(m);
+  healthmon::register_rules(m);
 #ifdef HEALTHMON_WITH_CUDA
   m.attr("HAS_CUDA") = true;
 #else

@@ -35,7 +35,8 @@ class _LazyRows:
     def __init__(self, sites, hosts):
         self._sites, self._hosts, self._rows = sites, hosts, None
 
-    def _site_list(self):
+    def sites(self) -> list:
+        """The sites, in execution order."""
         if callable(self._sites):
             self._sites = self._sites()
         return self._sites
@@ -43,7 +44,7 @@ class _LazyRows:
     def _materialize(self):
         if self._rows is None:
             lists = {b: h.tolist() for b, h in self._hosts.items()}
-            self._rows = [(s, lists[s.buffer][s.slot]) for s in self._site_list()]
+            self._rows = [(s, lists[s.buffer][s.slot]) for s in self.sites()]
             self._hosts = None
         return self._rows
 
@@ -51,7 +52,7 @@ class _LazyRows:
         return iter(self._materialize())
 
     def __len__(self):
-        return len(self._site_list())
+        return len(self.sites())
 
     def __getitem__(self, i):
         return self._materialize()[i]
@@ -178,7 +179,8 @@ class Decoder:
         if self._rules is not None and self._rules_cadence.due():
             # early warnings (none in a step with an anomaly), within their time budget
             t0 = time.perf_counter()
-            alerts.issue(self._rules.evaluate(step.index, list(self._last_rows)), order,
+            alerts.issue(self._rules.evaluate_view(step.index, self._last_rows.sites(), kept),
+                         order,
                          step.index,
                          self._stacks.frames, self.warnings, self.sinks,
                          self._dist.rank if self._dist is not None else None, self._modules)

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from . import distributed as _distributed
-from . import drilldown, fastpath, labels, loss_site, ops, traced
+from . import drilldown, fastpath, labels, loss_site, native_rules, ops, traced
 from . import rules as _rules
 from ._layout import LABEL, NUM_LABEL
 from .config import Config, resolve
@@ -127,7 +127,7 @@ class Monitor(Decoder):
         self.config = config
         self.warnings: List[Anomaly] = []  # early warnings (severity "warning"), oldest first
         cfg = _rules.resolve_warn(warn, config.warn)
-        self._rules = _rules.Rules(cfg) if cfg is not None else None
+        self._rules = native_rules.create(cfg) if cfg is not None else None
         self._rules_cadence = _rules.Cadence(cfg.budget if cfg is not None else 1.0)
         self.prefix = prefix
         self._forward_tick = 0

@@ -60,6 +60,11 @@ _TINY = {dt: float(torch.finfo(dt).tiny) for dt in
          _LOW_PRECISION + [torch.float32, torch.float64]}
 
 
+# WarnConfig fields that count records or steps (ints)
+_COUNT_FIELDS = ("window", "min_history", "growth_steps", "dead_steps", "frozen_steps",
+                 "vanish_steps", "rearm_steps")
+
+
 @dataclass(frozen=True)
 class WarnConfig:
     """Thresholds of the early warnings (``healthmon.watch(model, warn=WarnConfig(...))``).
@@ -94,6 +99,9 @@ class WarnConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"healthmon: WarnConfig.{f.name} must be a positive number, "
                                  f"got {v!r}")
+            if f.name in _COUNT_FIELDS and not isinstance(v, int):
+                raise ValueError(f"healthmon: WarnConfig.{f.name} is a number of records or "
+                                 f"steps: a positive int, got {v!r}")
         if not self.headroom <= 1:
             raise ValueError(f"healthmon: WarnConfig.headroom is a fraction of the dtype's "
                              f"largest value, in (0, 1]; got {self.headroom!r}")
@@ -182,6 +190,53 @@ class Finding(NamedTuple):
     detail: str
 
 
+# The findings' one-line details, shared by Rules and the C++ engine's glue
+# (healthmon.native_rules): both pass the same numbers, so the texts are the same.
+
+def overflow_detail(absmax: float, dtype, headroom: float) -> str:
+    fmax = DTYPE_MAX[dtype]
+    dt = str(dtype).replace("torch.", "")
+    return (f"abs-max {absmax:.6g} is {absmax / fmax:.0%} of the largest finite {dt} value "
+            f"({fmax:.6g}); a few more steps of growth overflow to Inf (threshold: "
+            f"{headroom:.0%} of the range)")
+
+
+def dead_detail(phase: str, numel: float, n: int) -> str:
+    what = "output is all zeros" if phase == "forward" else "gradient is exactly zero"
+    why = ("e.g. a ReLU whose inputs are all negative" if phase == "forward"
+           else "this parameter no longer influences the loss")
+    return (f"{what} ({int(numel)} elements) for {n} training steps in a row: "
+            f"a dead layer ({why})")
+
+
+def spike_detail(name: str, m: float, lm: float, med: float, records: int) -> str:
+    return (f"{name} {m:.4g} is {10 ** (lm - med):.3g}x the median ({10 ** med:.4g}) "
+            f"of its last {records} records")
+
+
+def growth_detail(name: str, m: float, lm: float, first: float, steps: int,
+                  rises: int) -> str:
+    ratio = 10 ** (lm - first)
+    return (f"{name} grew {ratio:.3g}x over the last {steps} records "
+            f"({ratio ** (1 / steps):.3g}x per record, now {m:.4g}), "
+            f"rising at {rises} of them: sustained exponential growth")
+
+
+def vanishing_detail(m: float, lm: float, med: Optional[float], loss_now: Optional[float],
+                     n: int) -> str:
+    ref = f"{10 ** lm / 10 ** med:.2g}x its median {10 ** med:.3g}" \
+        if med is not None else "the denormal range"
+    loss = f" ({loss_now:.4g})" if loss_now is not None else ""
+    return (f"gradient norm {m:.3g} collapsed to {ref} for {n} steps while the "
+            f"loss{loss} has not converged")
+
+
+def frozen_detail(n: int) -> str:
+    return (f"value unchanged for {n} training steps although its gradient is non-zero: "
+            f"it is not in any optimizer's param_groups (e.g. replaced after the "
+            f"optimizer was built) or its learning rate is 0")
+
+
 def _median(values) -> float:
     s = sorted(values)
     n = len(s)
@@ -241,6 +296,12 @@ class Rules:
 
     # ------------------------------------------------------------------ evaluation
 
+    def evaluate_view(self, step: int, sites: List, hosts: Dict) -> List[Finding]:
+        """:meth:`evaluate` of a decoded step: ``sites`` in execution order, each row read
+        from ``hosts`` (``{buffer: float64 tensor [rows, NUM_STATS]}``) at ``site.slot``."""
+        lists = {b: h.tolist() for b, h in hosts.items()}
+        return self.evaluate(step, [(s, lists[s.buffer][s.slot]) for s in sites])
+
     def evaluate(self, step: int, rows: List[tuple]) -> List[Finding]:
         """Judge the rows of one step (execution order) and update the histories.
 
@@ -273,8 +334,9 @@ class Rules:
         lh, g = self._loss_hist, cfg.growth_steps
         loss_rising = True  # no loss recorded: no evidence either way
         if len(lh) > g:
-            seq = list(lh)
-            loss_rising = _median(seq[-3:]) - _median(seq[-g - 2:-g + 1]) > math.log10(2.0)
+            seq, n = list(lh), len(lh)
+            loss_rising = _median(seq[-3:]) - _median(seq[max(0, n - g - 2):n - g + 1]) > \
+                math.log10(2.0)
         loss_ref = max(self._loss_ref) if self._loss_ref else None
         converged = loss_now is not None and loss_ref is not None and \
             loss_now < cfg.converged_ratio * loss_ref
@@ -299,22 +361,13 @@ class Rules:
                 fmax = DTYPE_MAX.get(getattr(site, "dtype", None))
                 cond = fmax is not None and row[_ABSMAX] > cfg.headroom * fmax
                 if self._fire("overflow", site, cond):
-                    dt = str(site.dtype).replace("torch.", "")
-                    out.append(Finding(site, row, "overflow", (
-                        f"abs-max {row[_ABSMAX]:.6g} is {row[_ABSMAX] / fmax:.0%} of the "
-                        f"largest finite {dt} value ({fmax:.6g}); a few more steps of growth "
-                        f"overflow to Inf (threshold: {cfg.headroom:.0%} of the range)")))
+                    out.append(Finding(site, row, "overflow",
+                                       overflow_detail(row[_ABSMAX], site.dtype, cfg.headroom)))
             # dead: all-zero forward output / exactly-zero parameter gradient
             if train and (phase == "grad" or (phase == "forward" and numel >= 2)):
                 n = self._count("dead", site, row[_ZEROS] == numel)
                 if self._fire("dead", site, n >= cfg.dead_steps):
-                    what = ("output is all zeros" if phase == "forward" else
-                            "gradient is exactly zero")
-                    why = ("e.g. a ReLU whose inputs are all negative" if phase == "forward"
-                           else "this parameter no longer influences the loss")
-                    out.append(Finding(site, row, "dead", (
-                        f"{what} ({int(numel)} elements) for {n} training steps in a row: "
-                        f"a dead layer ({why})")))
+                    out.append(Finding(site, row, "dead", dead_detail(phase, numel, n)))
             name, m = _metric(phase, row)
             if phase == "grad":
                 # a gradient at rounding-noise level (a conv bias before BatchNorm) moves
@@ -340,9 +393,8 @@ class Rules:
                     mad = _median([abs(v - med) for v in hist])
                     cond = lm - med > cfg.spike_mad * 1.4826 * mad
             if self._fire("spike", site, cond):
-                out.append(Finding(site, row, "spike", (
-                    f"{name} {m:.4g} is {10 ** (lm - med):.3g}x the median ({10 ** med:.4g}) "
-                    f"of its last {len(hist)} records")))
+                out.append(Finding(site, row, "spike",
+                                   spike_detail(name, m, lm, med, len(hist))))
             # sustained exponential growth
             cond = False
             if loss_rising and len(hist) >= cfg.growth_steps and \
@@ -353,11 +405,8 @@ class Rules:
                     rises >= 0.8 * cfg.growth_steps and (
                         phase == "loss" or m >= cfg.spike_floor * top.get(phase, 0.0))
             if self._fire("growth", site, cond):
-                ratio = 10 ** (lm - seq[0])
-                out.append(Finding(site, row, "growth", (
-                    f"{name} grew {ratio:.3g}x over the last {cfg.growth_steps} records "
-                    f"({ratio ** (1 / cfg.growth_steps):.3g}x per record, now {m:.4g}), "
-                    f"rising at {rises} of them: sustained exponential growth")))
+                out.append(Finding(site, row, "growth", growth_detail(
+                    name, m, lm, seq[0], cfg.growth_steps, rises)))
             # vanishing gradient
             if phase == "grad":
                 tiny = _TINY.get(getattr(site, "dtype", None), _TINY[torch.float32])
@@ -365,12 +414,8 @@ class Rules:
                     med is not None and lm - med < math.log10(cfg.vanish_ratio))
                 n = self._count("vanishing", site, collapsed and not converged)
                 if self._fire("vanishing", site, n >= cfg.vanish_steps):
-                    ref = f"{10 ** lm / 10 ** med:.2g}x its median {10 ** med:.3g}" \
-                        if med is not None else "the denormal range"
-                    loss = f" ({loss_now:.4g})" if loss_now is not None else ""
-                    out.append(Finding(site, row, "vanishing", (
-                        f"gradient norm {m:.3g} collapsed to {ref} for {n} steps while the "
-                        f"loss{loss} has not converged")))
+                    out.append(Finding(site, row, "vanishing",
+                                       vanishing_detail(m, lm, med, loss_now, n)))
             hist.append(lm)
         return [] if bad else out
 
@@ -382,7 +427,4 @@ class Rules:
         cond = prev is not None and prev == row and live
         n = self._count("frozen", site, cond)
         if self._fire("frozen", site, n >= self.config.frozen_steps):
-            out.append(Finding(site, row, "frozen", (
-                f"value unchanged for {n} training steps although its gradient is non-zero: "
-                f"it is not in any optimizer's param_groups (e.g. replaced after the "
-                f"optimizer was built) or its learning rate is 0")))
+            out.append(Finding(site, row, "frozen", frozen_detail(n)))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import healthmon
 from healthmon import loss_site
+from healthmon.native_rules import NativeRules
 from healthmon.rules import DTYPE_MAX, Rules, WarnConfig, resolve_warn
 from healthmon.records import Site
 from healthmon.sinks import read_jsonl, read_warnings
@@ -317,6 +318,12 @@ def test_nonfinite_loss_raises_at_the_backward_line_in_sync_mode():
 
 # ----------------------------------------------------------------------------- rules (unit)
 
+@pytest.fixture(params=[Rules, NativeRules], ids=["python", "native"])
+def engine(request):
+    """The rules' two engines: the Python reference and the C++ one the monitor uses."""
+    return request.param
+
+
 def _site(phase="forward", dtype=torch.float32, name="s"):
     return Site(name, phase, "output", 0, 0, torch.device("cpu"), 0, False, dtype)
 
@@ -328,20 +335,20 @@ def _row(absmax=1.0, numel=4, zeros=0, sumsq=None):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] +
                          [d for d in DTYPE_MAX if "float8" in str(d)])
-def test_overflow_headroom_per_dtype(dtype):
-    rules, fmax = Rules(WarnConfig(headroom=0.5)), DTYPE_MAX[dtype]
+def test_overflow_headroom_per_dtype(dtype, engine):
+    rules, fmax = engine(WarnConfig(headroom=0.5)), DTYPE_MAX[dtype]
     site, loss = _site(dtype=dtype), _site("loss", name="<loss>")
     assert rules.evaluate(0, [(site, _row(0.49 * fmax)), (loss, _row(1.0))]) == []
     found = rules.evaluate(1, [(site, _row(0.51 * fmax)), (loss, _row(1.0))])
     assert [f.kind for f in found] == ["overflow"]
     assert rules.evaluate(2, [(site, _row(0.6 * fmax)), (loss, _row(1.0))]) == []  # episode
     f32 = _site(dtype=torch.float32, name="f32")
-    assert Rules(WarnConfig()).evaluate(0, [(f32, _row(1e38))]) == []
+    assert engine(WarnConfig()).evaluate(0, [(f32, _row(1e38))]) == []
 
 
-def test_spike_episode_rearms_after_clear_records():
+def test_spike_episode_rearms_after_clear_records(engine):
     cfg = WarnConfig(rearm_steps=3)
-    rules, site = Rules(cfg), _site("grad")
+    rules, site = engine(cfg), _site("grad")
     loss = _site("loss", name="<loss>")
     kinds = []
     values = [1.0] * 20 + [100.0] + [1.0] * 3 + [100.0] + [1.0] + [100.0]
@@ -362,9 +369,9 @@ def test_health_warning_pickles_with_its_finding():
 
 
 @pytest.mark.parametrize("loss_growth", [1.0, 1.05])
-def test_growth_needs_a_rising_loss(loss_growth):
+def test_growth_needs_a_rising_loss(loss_growth, engine):
     # 1.1x per record: no spike (robust deviation too small), but 45x over 40 records
-    rules, site, loss = Rules(WarnConfig()), _site("grad"), _site("loss", name="<loss>")
+    rules, site, loss = engine(WarnConfig()), _site("grad"), _site("loss", name="<loss>")
     kinds = []
     for i in range(60):
         found = rules.evaluate(i, [(loss, _row(loss_growth ** i)), (site, _row(1.1 ** i))])
@@ -388,9 +395,9 @@ def test_report_shows_warnings(tmp_path):
     assert (tmp_path / "out" / "heatmap_act.png").stat().st_size > 0
 
 
-def test_all_zero_gradients_are_dead_not_a_crash():
+def test_all_zero_gradients_are_dead_not_a_crash(engine):
     cfg = WarnConfig(dead_steps=3)
-    rules, grad, loss = Rules(cfg), _site("grad"), _site("loss", name="<loss>")
+    rules, grad, loss = engine(cfg), _site("grad"), _site("loss", name="<loss>")
     found = []
     for i in range(4):  # every gradient of the step exactly zero: no phase maximum
         found += rules.evaluate(i, [(loss, _row(1.0)), (grad, _row(0.0, zeros=4))])
