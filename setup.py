@@ -36,7 +36,7 @@ def _with_cuda() -> bool:
 
 def _extension():
     cpu_sources = ["csrc/schemas.cpp", "csrc/fast_path.cpp", "csrc/param_hooks.cpp",
-                   "csrc/rules.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=HERE))
+                   "csrc/rules.cpp", "csrc/param_plan.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=HERE))
     # -fopenmp: at::parallel_for is an inline OpenMP region; without it the CPU kernels run
     # on one thread. libgomp.so.1 is the runtime torch itself loads (same soname).
     cxx_flags = ["-O3", "-fopenmp"]

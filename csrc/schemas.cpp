@@ -175,12 +175,31 @@ void multi_record(std::vector<at::Tensor> xs, at::Tensor records, std::vector<in
   op.call(xs, records, slots);
 }
 
+// Rows of a host record table (CPU float64 [n, kNumStatsFields], contiguous) whose NaN,
+// +Inf or -Inf count is nonzero: the decoder's scan of a healthy step, in one call.
+std::vector<int64_t> flagged_rows(const at::Tensor& table) {
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kDouble &&
+                  table.dim() == 2 && table.size(1) == healthmon::kNumStatsFields &&
+                  table.is_contiguous(),
+              "healthmon: flagged_rows expects a contiguous CPU float64 tensor [rows, ",
+              healthmon::kNumStatsFields, "], got ", table.toString(), " of shape ",
+              table.sizes());
+  std::vector<int64_t> out;
+  const double* r = table.data_ptr<double>();
+  for (int64_t i = 0; i < table.size(0); ++i, r += healthmon::kNumStatsFields) {
+    if (r[healthmon::kNan] != 0 || r[healthmon::kPosInf] != 0 || r[healthmon::kNegInf] != 0)
+      out.push_back(i);
+  }
+  return out;
+}
+
 }  // namespace
 
 namespace healthmon {
 void register_fast_path(pybind11::module& m);  // fast_path.cpp
 void register_param_hooks(pybind11::module& m);  // param_hooks.cpp
 void register_rules(pybind11::module& m);  // rules.cpp
+void register_param_plan(pybind11::module& m);  // param_plan.cpp
 }
 
 TORCH_LIBRARY_IMPL(healthmon, CompositeExplicitAutograd, m) {
@@ -197,6 +216,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("records"), pybind11::arg("slot"));
   m.def("multi_record", &multi_record, "stats of xs[i] into records[slots[i]]",
         pybind11::arg("xs"), pybind11::arg("records"), pybind11::arg("slots"));
+  m.def("flagged_rows", &flagged_rows,
+        "rows of a host record table with a nonzero NaN / +Inf / -Inf count",
+        pybind11::arg("table"));
   m.def("set_record_buffer", &set_record_buffer,
         "register records (float64 [N, fields]) under key for healthmon::record_to",
         pybind11::arg("key"), pybind11::arg("records"));
@@ -214,6 +236,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   healthmon::register_fast_path(m);
   healthmon::register_param_hooks(m);
   healthmon::register_rules(m);
+  healthmon::register_param_plan(m);
 #ifdef HEALTHMON_WITH_CUDA
   m.attr("HAS_CUDA") = true;
 #else

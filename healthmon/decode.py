@@ -70,18 +70,22 @@ class Decoder:
         if self.config.sync or self._dist is not None or (
                 step.decoded >= len(step.order) and not self._rec.has_compiled):
             return
-        self._rec.copy_to_host()
-        self._decode(step, True, partial=True)
+        rows = self._rec.cpu_rows()  # CPU: judged in place; the step's final decode copies
+        if rows is None:
+            self._rec.copy_to_host()
+        self._decode(step, True, partial=True, hosts=rows)
 
-    def _decode(self, step: Step, apply_policy: bool, partial: bool = False) -> None:
+    def _decode(self, step: Step, apply_policy: bool, partial: bool = False,
+                hosts: Optional[dict] = None) -> None:
         """Turn the step's host rows into anomalies and sink rows.
 
         Only rows with a nonzero NaN / ±Inf / bad-label count (columns 1-3, found with one
         vectorised test per buffer) are converted to Python and judged; the healthy rows
         stay in the host tensors, kept as the step's view (``records()`` and the sinks read
         it) and as the previous step's rows ("last healthy record" of a later anomaly)."""
-        self._rec.wait()
-        hosts = self._rec.host_tensors()
+        if hosts is None:
+            self._rec.wait()
+            hosts = self._rec.host_tensors()
         flagged = self._rec.flagged(hosts)
         first: Optional[Anomaly] = None if partial else step.anomaly
         healthy = first is None and not any(flagged.values())

@@ -632,8 +632,7 @@ class Monitor(Decoder):
         if self._removed:
             return
         self._cur.backward = True
-        params = self._params
-        self._record_param_batch("grad", pindexes, [params[i].grad for i in pindexes], None)
+        self._record_param_batch("grad", pindexes, None)
 
     def _flush_pending_grads(self) -> None:
         """Parameter gradients not recorded yet: the Python hooks' queue (its callback did
@@ -649,51 +648,54 @@ class Monitor(Decoder):
         """Record the queued parameter gradients: one multi-tensor op per device."""
         self._callback_queued = False
         if not self._removed and self._grad_queue:
-            pindexes = list(self._grad_queue)
-            params = self._params
-            self._record_param_batch("grad", pindexes, [params[i].grad for i in pindexes],
-                                     None)
+            self._record_param_batch("grad", list(self._grad_queue), None)
         self._grad_queue.clear()
 
-    def _record_param_batch(self, phase: str, pindexes: List[int], tensors: list,
+    def _record_param_batch(self, phase: str, pindexes: List[int],
                             sid: Optional[int]) -> None:
-        """:meth:`_record_param_tensors` of ``tensors`` (of parameters ``pindexes``, None
-        allowed), with a plan for the common case: the same parameters as last time, plain
-        tensors of the same dtypes and devices (one list of their metadata compared, then
-        one native call per buffer; no site lookup or grouping per parameter)."""
+        """Record parameters ``pindexes``' gradients (phase ``grad``) or values (``param``)
+        with :meth:`_record_param_tensors`. The common case (the same parameters as last
+        time, plain tensors of the same dtypes and devices) is a ``_C.ParamPlan``: one C++
+        call checks every tensor, records them (one native op per buffer) and appends the
+        order entries (``csrc/param_plan.cpp``)."""
+        order = self._cur.order
         plan = self._param_plans.get(phase)
-        if plan is not None and plan[0] == pindexes:
-            try:
-                same = [(t.dtype, t.device) for t in tensors] == plan[1] and \
-                    all(type(t) in _PLAIN for t in tensors)
-            except AttributeError:  # a parameter without a gradient this time
-                same = False
-            if same:
-                for buf, positions, slots in plan[2]:
-                    ops.multi_record_unchecked([tensors[i] for i in positions], buf.records,
-                                               slots)
-                mod_stack = self._mod_stack
-                added = [(site, mod_stack[m]) for site, m in plan[3]] if sid is None else \
-                    [(site, sid) for site, _ in plan[3]]
-                self._cur.order.extend(added)
+        if plan is not None:
+            first = len(order)
+            if plan[0].record(pindexes, [b.records for b in plan[1]], order,
+                              self._mod_stack, sid):
                 if self.config.sync:
-                    for site, site_sid in added:
+                    for site, site_sid in order[first:]:
                         self._check_now(site, site_sid)
                 return
+        params = self._params
+        tensors = [params[i].grad for i in pindexes] if phase == "grad" else \
+            [params[i] for i in pindexes]
         self._record_param_tensors(phase, zip(pindexes, tensors), sid)
+        self._plan_param_records(phase, pindexes, tensors)
+
+    def _plan_param_records(self, phase: str, pindexes: List[int], tensors: list) -> None:
+        """A ``ParamPlan`` for ``phase`` when every tensor just recorded is a plain tensor
+        whose site is cached (none with the float64 reference ops)."""
         cache = self._param_cache.get(phase, {})
         entries = [cache.get(i) for i in pindexes]
-        if all(e is not None and t is not None and type(t) in _PLAIN and e[1] is t.dtype
-               and e[2] == t.device for e, t in zip(entries, tensors)):
-            groups: Dict[object, Tuple[list, list]] = {}
-            for pos, e in enumerate(entries):
-                positions, slots = groups.setdefault(e[0].buffer, ([], []))
-                positions.append(pos)
-                slots.append(e[0].slot)
-            self._param_plans[phase] = (
-                list(pindexes), [(t.dtype, t.device) for t in tensors],
-                [(buf, positions, slots) for buf, (positions, slots) in groups.items()],
-                [(e[0], e[3]) for e in entries])
+        if ops._fast is None or not all(
+                e is not None and t is not None and type(t) in _PLAIN and e[1] is t.dtype
+                and e[2] == t.device for e, t in zip(entries, tensors)):
+            self._param_plans.pop(phase, None)
+            return
+        buffers: Dict[object, int] = {}
+        groups: Dict[int, Tuple[list, list]] = {}
+        for pos, e in enumerate(entries):
+            b = buffers.setdefault(e[0].buffer, len(buffers))
+            positions, slots = groups.setdefault(b, ([], []))
+            positions.append(pos)
+            slots.append(e[0].slot)
+        plan = ops._fast.ParamPlan(
+            self._params, phase == "grad", list(pindexes), tensors,
+            [(b, positions, slots) for b, (positions, slots) in groups.items()],
+            [e[0] for e in entries], [e[3] for e in entries])
+        self._param_plans[phase] = (plan, list(buffers))
 
     def _record_param_tensors(self, phase: str, items, sid: Optional[int]) -> None:
         """Record ``(parameter index, tensor)`` pairs (gradients or weights) as ``phase``
@@ -808,7 +810,7 @@ class Monitor(Decoder):
         """Phase ``param``: every watched parameter as the step ends (after the optimizer's
         update when the boundary is its step hook): one multi-tensor op per device.
         Diverging weights show here before they poison the next forward."""
-        self._record_param_batch("param", list(range(len(self._params))), self._params,
+        self._record_param_batch("param", list(range(len(self._params))),
                                  self._stacks.capture(2))
 
     def _optimizer_owns(self, optimizer) -> bool:

@@ -203,6 +203,14 @@ def multi_record_unchecked(xs, records: torch.Tensor, slots) -> None:
         reference.multi_stats_into_ref([x.detach() for x in xs], records, list(slots))
 
 
+def flagged_rows(table: torch.Tensor) -> List[int]:
+    """Rows of a host record table (CPU float64 ``(rows, NUM_STATS)``, contiguous) whose
+    NaN, +Inf or -Inf count is nonzero (one native scan; torch ops without the extension)."""
+    if _fast is not None:
+        return _fast.flagged_rows(table)
+    return (table[:, 1:4] != 0).any(1).nonzero().flatten().tolist()
+
+
 def multi_stats(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stats of every tensor of ``xs`` (one launch per device / dtype group on CUDA).
 

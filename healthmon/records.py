@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import ops
 from ._layout import NUM_STATS
 from .errors import Anomaly
 from .stacks import StackTable
@@ -247,6 +248,13 @@ class Recorder:
         for buf in self.buffers.values():
             buf.wait()
 
+    def cpu_rows(self) -> Optional[Dict[DeviceBuffer, torch.Tensor]]:
+        """The rows written so far, read in place (no copy), when every buffer is on the
+        CPU (``(used, NUM_STATS)`` views, valid until the next record); else None."""
+        if not all(b.device.type == "cpu" for b in self.buffers.values()):
+            return None
+        return {b: b.records[:b.used] for b in self.buffers.values()}
+
     def host_tensors(self) -> Dict[DeviceBuffer, torch.Tensor]:
         """Host copies ``(used, NUM_STATS)`` per buffer (after :meth:`wait`)."""
         return {b: b.host[:b.used] for b in self.buffers.values() if b.host is not None}
@@ -257,7 +265,7 @@ class Recorder:
         buffer, so a healthy step costs no Python per row."""
         out = {}
         for buf, h in hosts.items():
-            if not bool(h[:, 1:4].any()):  # the healthy buffer: one test
+            if not ops.flagged_rows(h):  # the healthy buffer: one native scan
                 out[buf] = set()
                 continue
             first = set((h[:, 1] != 0).nonzero().flatten().tolist())
