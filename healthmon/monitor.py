@@ -676,10 +676,10 @@ class Monitor(Decoder):
 
     def _plan_param_records(self, phase: str, pindexes: List[int], tensors: list) -> None:
         """A ``ParamPlan`` for ``phase`` when every tensor just recorded is a plain tensor
-        whose site is cached (none with the float64 reference ops)."""
+        whose site is cached (none without the C++ fast path: ``HEALTHMON_FASTPATH=0``)."""
         cache = self._param_cache.get(phase, {})
         entries = [cache.get(i) for i in pindexes]
-        if ops._fast is None or not all(
+        if self._fast is None or not all(
                 e is not None and t is not None and type(t) in _PLAIN and e[1] is t.dtype
                 and e[2] == t.device for e, t in zip(entries, tensors)):
             self._param_plans.pop(phase, None)

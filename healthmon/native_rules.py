@@ -84,7 +84,8 @@ class NativeRules:
             self._engine.set_order([self._id(s) for s in sites],
                                    [index[s.buffer] for s in sites], [s.slot for s in sites])
             self._order, self._order_buffers = list(sites), buffers
-        found = self._engine.evaluate_order([hosts[b] for b in buffers])
+        # (a step boundary inside a torch.func transform: the host rows are its wrappers)
+        found = self._engine.evaluate_order([ops.physical(hosts[b]) for b in buffers])
         if not found:
             return []
         return [self._finding(sites[f[0]], hosts[sites[f[0]].buffer][sites[f[0]].slot].tolist(),

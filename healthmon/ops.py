@@ -205,9 +205,11 @@ def multi_record_unchecked(xs, records: torch.Tensor, slots) -> None:
 
 def flagged_rows(table: torch.Tensor) -> List[int]:
     """Rows of a host record table (CPU float64 ``(rows, NUM_STATS)``, contiguous) whose
-    NaN, +Inf or -Inf count is nonzero (one native scan; torch ops without the extension)."""
+    NaN, +Inf or -Inf count is nonzero (one native scan; torch ops without the extension).
+    Inside a torch.func transform the table is that transform's wrapper: its plain tensor is
+    read."""
     if _fast is not None:
-        return _fast.flagged_rows(table)
+        return _fast.flagged_rows(physical(table))
     return (table[:, 1:4] != 0).any(1).nonzero().flatten().tolist()
 
 
