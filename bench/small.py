@@ -24,6 +24,8 @@ Extra variants (``--variants``), to measure what one piece of the C++ hot path b
                   parameter per backward) instead of ``csrc/param_hooks.cpp``
   async-pytuples  async with tuple outputs left to the Python path (the C++ fast path
                   takes single-tensor outputs only)
+  async-pyrules   async with the early-warning rules in Python (``rules.Rules``, on its
+                  time budget) instead of ``csrc/rules_core.h``
 
 Host cost per recorded tensor: per round, (variant step time - none step time) / records per
 step (counted from the async monitor's ``mon.records()`` of one step), median over rounds.
@@ -58,7 +60,7 @@ import models as M  # noqa: E402
 import overhead as O  # noqa: E402  (healthmon_env, _watch, the loss-guard hand-over)
 
 VARIANTS = ("none", "noop", "async", "sync", "off")
-EXTRA_VARIANTS = ("async-py", "async-pyparams", "async-pytuples")
+EXTRA_VARIANTS = ("async-py", "async-pyparams", "async-pytuples", "async-pyrules")
 
 
 @contextlib.contextmanager
@@ -88,7 +90,11 @@ def _watch_async_variant(model, variant: str):
     elif variant == "async-pyparams":
         fastpath.create_param_hooks = lambda mon: None
     try:
-        return O._watch(model, "async")
+        mon = O._watch(model, "async")
+        if variant == "async-pyrules" and mon._rules is not None:
+            from healthmon.rules import Rules
+            mon._rules = Rules(mon._rules.config)
+        return mon
     finally:
         fastpath.create_param_hooks = saved_create
         if saved_env is None:
