@@ -77,10 +77,11 @@ class Decoder:
 
     def _decode(self, step: Step, apply_policy: bool, partial: bool = False,
                 hosts: Optional[dict] = None) -> None:
-        """Turn the step's host rows into anomalies and sink rows.
+        """Turn the step's host rows into anomalies and sink rows (``hosts``: rows to read
+        instead of the host copies, ``{buffer: float64 (used, NUM_STATS)}``).
 
         Only rows with a nonzero NaN / ±Inf / bad-label count (columns 1-3, found with one
-        vectorised test per buffer) are converted to Python and judged; the healthy rows
+        native scan per buffer) are converted to Python and judged; the healthy rows
         stay in the host tensors, kept as the step's view (``records()`` and the sinks read
         it) and as the previous step's rows ("last healthy record" of a later anomaly)."""
         if hosts is None:

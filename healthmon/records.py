@@ -261,7 +261,7 @@ class Recorder:
 
     def flagged(self, hosts: Dict[DeviceBuffer, torch.Tensor]) -> Dict[DeviceBuffer, set]:
         """Per buffer, the slots whose record has a nonzero NaN / ±Inf count (columns 1-3)
-        or, for a label record, a nonzero bad-label count (column 1): one vectorised test per
+        or, for a label record, a nonzero bad-label count (column 1): one native scan per
         buffer, so a healthy step costs no Python per row."""
         out = {}
         for buf, h in hosts.items():
