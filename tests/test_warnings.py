@@ -23,6 +23,8 @@ from healthmon.sinks import read_jsonl, read_warnings
 
 import _warn_models as W
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(autouse=True)
 def every_step(monkeypatch):
@@ -48,14 +50,6 @@ def test_rules_cadence_follows_the_time_budget():
     always.due()
     always.spent(1.0)
     assert always.interval == 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Keep:
