@@ -53,23 +53,26 @@ struct Found {
 };
 
 // The last `cap` values pushed (a deque with maxlen): at(0) is the oldest. Also kept
-// sorted (a binary-search insert / erase per push), so the median costs nothing.
+// sorted (a binary-search insert / erase per push), so the median costs nothing. Storage is
+// allocated on the first push: most sites never keep a history in one of their two rings.
 class Ring {
  public:
-  explicit Ring(int64_t cap = 1) : v_(static_cast<size_t>(std::max<int64_t>(cap, 1))) {
-    sorted_.reserve(v_.size());
-  }
+  explicit Ring(int64_t cap = 1) : cap_(static_cast<size_t>(std::max<int64_t>(cap, 1))) {}
   int64_t size() const { return n_; }
-  double at(int64_t i) const { return v_[(start_ + static_cast<size_t>(i)) % v_.size()]; }
+  double at(int64_t i) const { return v_[(start_ + static_cast<size_t>(i)) % cap_]; }
   // values are never NaN (log10 of a positive metric), so the order is total
   void push(double x) {
-    if (static_cast<size_t>(n_) < v_.size()) {
-      v_[(start_ + static_cast<size_t>(n_)) % v_.size()] = x;
+    if (v_.empty()) {
+      v_.resize(cap_);
+      sorted_.reserve(cap_);
+    }
+    if (static_cast<size_t>(n_) < cap_) {
+      v_[(start_ + static_cast<size_t>(n_)) % cap_] = x;
       ++n_;
     } else {
       sorted_.erase(std::lower_bound(sorted_.begin(), sorted_.end(), v_[start_]));
       v_[start_] = x;
-      start_ = (start_ + 1) % v_.size();
+      start_ = (start_ + 1) % cap_;
     }
     sorted_.insert(std::upper_bound(sorted_.begin(), sorted_.end(), x), x);
   }
@@ -80,6 +83,7 @@ class Ring {
   }
 
  private:
+  size_t cap_;
   std::vector<double> v_;
   std::vector<double> sorted_;
   size_t start_ = 0;
