@@ -73,6 +73,38 @@ def test_real_runs_give_the_same_findings(monkeypatch):
     assert all(tees[n].findings == 0 for n in W.HEALTHY)
 
 
+def test_compiled_run_gives_the_same_findings(monkeypatch):
+    """Under torch.compile the step's view mixes compiled and eager records (its order is
+    merged per step): the engines still agree, step for step, up to the first warning."""
+    tees = []
+
+    def create(config):
+        tees.append(Tee(config))
+        return tees[-1]
+
+    monkeypatch.setattr(native_rules, "create", create)
+    torch.manual_seed(5)
+    model = W._mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.08)
+    batches = W._regression_batches()
+    mon = healthmon.watch(model, on_anomaly="log")
+    compiled = torch.compile(model, backend="aot_eager")
+    try:
+        for step in range(90):  # the loss spikes around step 60, overflows later
+            x, y = batches(step)
+            loss = torch.nn.functional.mse_loss(compiled(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        mon.check()
+    finally:
+        mon.remove()
+    assert mon._rec.has_compiled
+    assert tees[0].steps >= 80 and tees[0].findings >= 1
+
+
 def test_the_monitor_uses_the_native_engine_unless_switched_off(monkeypatch):
     model = torch.nn.Linear(2, 2)
     mon = healthmon.watch(model)
