@@ -81,3 +81,32 @@ def test_plan_rows_equal_the_python_path(monkeypatch, sync):
     # records each gradient from its own hook, as it arrives: weights only here)
     want = [["grad", "param"], [], [], ["grad"], [], ["grad", "param"], [], []]
     assert python_path == [[p for p in s if not sync or p == "param"] for s in want]
+
+
+def test_plan_follows_a_buffer_that_grew(monkeypatch):
+    """A plan keeps buffer indexes, not tensors: when more calls per step grow (reallocate)
+    the record buffers after the plan was built, its records land in the new tensors."""
+    def run(fast: bool):
+        monkeypatch.setenv("HEALTHMON_FASTPATH", "1" if fast else "0")
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        sink = ParamRows()
+        mon = healthmon.watch(model, sinks=[sink])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sizes = {}
+        for step in range(6):
+            calls = 1 if step < 3 else 40  # step 3: 40 forwards, new sites for each call
+            loss = sum(model(torch.randn(3, 4)).square().mean() for _ in range(calls))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sizes[step] = {k: b.records.shape[0] for k, b in mon._rec.buffers.items()}
+        mon.check()
+        mon.remove()
+        return sink.steps, sizes
+
+    fast, sizes = run(True)
+    slow, _ = run(False)
+    assert any(sizes[5][k] > sizes[2][k] for k in sizes[2])  # a buffer did grow
+    assert fast == slow and len(fast) == 6
+    assert all(sum(k[0] == "param" for k in s) == 4 for s in fast)
