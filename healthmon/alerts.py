@@ -26,7 +26,8 @@ def issue(findings: Sequence, order: Sequence[tuple], step: int, frames: Callabl
 
     Args:
         findings: :class:`healthmon.rules.Finding` tuples of one step.
-        order: the step's ``(site, stack id)`` execution order (for each site's stack).
+        order: the step's eager ``(site, stack id)`` records (for each site's stack; a
+            compiled site has its stack id, captured at trace time, on itself).
         step: the step index.
         frames: stack id -> ``traceback.FrameSummary`` list (``StackTable.frames``).
         store: the monitor's ``warnings`` list (appended to, at most :data:`MAX_WARNINGS`).
@@ -46,7 +47,8 @@ def issue(findings: Sequence, order: Sequence[tuple], step: int, frames: Callabl
         module_type = type(modules[site.module]).__name__ \
             if 0 <= site.module < len(modules) else ""
         a = Anomaly(site=site.name, phase=site.phase, role=site.role, step=step, kind=f.kind,
-                    stats=TensorStats.from_record(f.row), stack=frames(sids.get(site)),
+                    stats=TensorStats.from_record(f.row),
+                    stack=frames(sids.get(site, getattr(site, "sid", -1))),
                     call=site.call, rank=rank, module_type=module_type,
                     severity="warning", detail=f.detail)
         first = by_kind.get(f.kind)

@@ -184,11 +184,12 @@ class Decoder:
         if self._rules is not None and self._rules_cadence.due():
             # early warnings (none in a step with an anomaly), within their time budget
             t0 = time.perf_counter()
+            # (the step's whole order for the sites' stacks: ``order`` is empty on the
+            # healthy path, the only one that warns)
             alerts.issue(self._rules.evaluate_view(step.index, self._last_rows.sites(), kept),
-                         order,
-                         step.index,
-                         self._stacks.frames, self.warnings, self.sinks,
-                         self._dist.rank if self._dist is not None else None, self._modules)
+                         step.order, step.index, self._stacks.frames, self.warnings,
+                         self.sinks, self._dist.rank if self._dist is not None else None,
+                         self._modules)
             self._rules_cadence.spent(time.perf_counter() - t0)
         if self._dist is not None and apply_policy:  # every rank takes the same branch
             self._dist.settle(step.index, first, reported=self.config.sync)

@@ -103,6 +103,9 @@ def test_compiled_run_gives_the_same_findings(monkeypatch):
         mon.remove()
     assert mon._rec.has_compiled
     assert tees[0].steps >= 80 and tees[0].findings >= 1
+    # a warning on a compiled site carries the stack captured when it was traced
+    assert mon.warnings and all(w.stack for w in mon.warnings), \
+        [(w.site, w.phase) for w in mon.warnings if not w.stack]
 
 
 def test_the_monitor_uses_the_native_engine_unless_switched_off(monkeypatch):

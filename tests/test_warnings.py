@@ -109,6 +109,10 @@ def test_diverging_lr_warns_before_the_first_nonfinite_value():
     first = min(w.step for w in run.warnings)
     assert first < run.first_bad_step
     assert "spike" in run.kinds()
+    # a warning names the code that produced its site, as an error does
+    w = run.warnings[0]
+    assert any(fr.name == "_train" and "model(x)" in (fr.line or "") for fr in w.stack), w.stack
+    assert "produced by" in w.report()
     assert any(w.site == "<loss>" for w in _all(run) if w.step < run.first_bad_step)
 
 
