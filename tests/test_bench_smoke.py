@@ -110,15 +110,27 @@ def test_overhead_smoke(tmp_path):
         "async: detects NaN and Inf in forward, backward and param grads"] == "PASS"
 
 
-def test_overhead_variants_in_process():
-    """(f) HEALTHMON=off attaches nothing; the process-wide loss guard belongs to the variant
-    being stepped (the baseline's loss is never label-checked by another variant's monitor)."""
+@pytest.fixture
+def bench_on_path():
+    """The bench scripts importable in-process for one test; afterwards their modules leave
+    ``sys.modules`` too: ``bench/kernels.py`` would otherwise stand in for Hugging Face's
+    ``kernels`` package, which transformers imports when that package is installed."""
+    before = set(sys.modules)
     sys.path.insert(0, BENCH)
     try:
-        import models as M
-        import overhead as O
+        yield
     finally:
         sys.path.remove(BENCH)
+        for name in set(sys.modules) - before:
+            if (getattr(sys.modules[name], "__file__", None) or "").startswith(BENCH):
+                del sys.modules[name]
+
+
+def test_overhead_variants_in_process(bench_on_path):
+    """(f) HEALTHMON=off attaches nothing; the process-wide loss guard belongs to the variant
+    being stepped (the baseline's loss is never label-checked by another variant's monitor)."""
+    import models as M
+    import overhead as O
     from healthmon import labels
     import torch
 
