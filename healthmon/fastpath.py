@@ -30,10 +30,16 @@ from collections import OrderedDict
 from . import ops
 
 
+def enabled() -> bool:
+    """Whether the C++ hot path is in use: the extension is built and
+    ``HEALTHMON_FASTPATH`` is not ``0`` / ``off``."""
+    return ops.extension_available() and \
+        os.environ.get("HEALTHMON_FASTPATH", "").strip() not in ("0", "off")
+
+
 def create(mon):
     """A ``FastPath`` for monitor ``mon``, or None (no extension, or switched off)."""
-    if not ops.extension_available() or \
-            os.environ.get("HEALTHMON_FASTPATH", "").strip() in ("0", "off"):
+    if not enabled():
         return None
     from . import _C
     ref = weakref.ref(mon)  # the C++ side must not keep the monitor alive
@@ -72,6 +78,15 @@ def prime_backward(mon, index: int, call: int, site, part: int = 0) -> None:
     tuple output)."""
     mon._fast.prime_backward(index, call, part, site, site.buffer, site.slot, site.dtype,
                              site.device)
+
+
+def create_param_plan(params, grads: bool, pindexes, tensors, groups, sites, modules):
+    """A ``ParamPlan`` (``csrc/param_plan.cpp``): parameters ``pindexes`` of ``params``
+    (their ``.grad`` when ``grads``), recorded as ``tensors`` are now; ``groups``:
+    ``(buffer index, positions, slots)``; ``sites`` / ``modules``: each position's order
+    entry."""
+    from . import _C
+    return _C.ParamPlan(params, grads, list(pindexes), tensors, groups, sites, modules)
 
 
 def create_param_hooks(mon):

@@ -691,8 +691,8 @@ class Monitor(Decoder):
             positions, slots = groups.setdefault(b, ([], []))
             positions.append(pos)
             slots.append(e[0].slot)
-        plan = ops._fast.ParamPlan(
-            self._params, phase == "grad", list(pindexes), tensors,
+        plan = fastpath.create_param_plan(
+            self._params, phase == "grad", pindexes, tensors,
             [(b, positions, slots) for b, (positions, slots) in groups.items()],
             [e[0] for e in entries], [e[3] for e in entries])
         self._param_plans[phase] = (plan, list(buffers))

@@ -14,13 +14,12 @@ small models). ``tests/test_native_rules.py`` compares the two engines.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict
 from typing import Dict, List, Sequence
 
 import torch
 
-from . import ops
+from . import fastpath, ops
 from . import rules as R
 from ._layout import NUM_STATS
 
@@ -31,10 +30,7 @@ KINDS = ("overflow", "dead", "spike", "growth", "vanishing", "frozen")
 
 def create(config: R.WarnConfig):
     """The rules of one monitor: :class:`NativeRules`, or the Python :class:`Rules`."""
-    if not ops.extension_available() or \
-            os.environ.get("HEALTHMON_FASTPATH", "").strip() in ("0", "off"):
-        return R.Rules(config)
-    return NativeRules(config)
+    return NativeRules(config) if fastpath.enabled() else R.Rules(config)
 
 
 class NativeRules:

@@ -265,13 +265,12 @@ class Recorder:
         buffer, so a healthy step costs no Python per row."""
         out = {}
         for buf, h in hosts.items():
-            if not ops.flagged_rows(h):  # the healthy buffer: one native scan
-                out[buf] = set()
-                continue
-            first = set((h[:, 1] != 0).nonzero().flatten().tolist())
-            other = (h[:, 2:4] != 0).any(1).nonzero().flatten().tolist()
+            h = ops.physical(h)  # (a boundary inside a torch.func transform)
+            rows = ops.flagged_rows(h)  # one native scan; a healthy buffer: none
             labels = self.label_slots.get(buf)
-            out[buf] = first.union(s for s in other if not labels or s not in labels)
+            # a label record's columns 2-3 are not counts of Inf: only its column 1 flags it
+            out[buf] = set(rows) if not labels else \
+                {s for s in rows if s not in labels or h[s, 1].item() != 0}
         return out
 
     def keep_healthy(self, hosts: Dict[DeviceBuffer, torch.Tensor]) -> None:
