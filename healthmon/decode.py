@@ -1,30 +1,22 @@
-"""Decoding a step's records on the host and applying the policy (a Monitor mixin).
+"""Decoding a step's records on the host: rows in execution order, judged (plain functions).
 
-:class:`Decoder` turns host copies of the record rows into anomalies: the first bad record
-in execution order is the anomaly, later ones are its consequences; a bad gradient that
-follows a healthy one of another module is blamed on that consumer (see
-:mod:`healthmon.monitor`). The policy (``raise`` / ``warn`` / ``log``) is applied here, or,
-when distributed, after the ranks agree (:mod:`healthmon.distributed`).
+:func:`judge` turns a step's host rows into its first anomaly and the sites the sinks see:
+the first bad record in execution order is the anomaly, later ones are its consequences; a
+bad gradient that follows a healthy one of another module is blamed on that consumer (see
+:mod:`healthmon.monitor`). What is done with the anomaly (policy, sinks, distributed
+agreement) is the caller's: :mod:`healthmon.actions`.
 """
 from __future__ import annotations
 
-import logging
-import time
-import warnings
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
-from . import alerts, labels
+from . import labels
 from ._layout import LABEL, NUM_LABEL
-from .errors import Anomaly, HealthError
-from .records import Site, Step, merge_order
-from .sinks import call_sinks
+from .errors import Anomaly
+from .records import Recorder, Site, Step, merge_order
 from .stats import TensorStats, is_additive_mask
 
-_log = logging.getLogger("healthmon")
-MAX_ANOMALIES = 1000
-
-
-class _LazyRows:
+class LazyRows:
     """The decoded step's rows as ``(site, row list)`` pairs, converted on first use (most
     steps are never looked at: the conversion is the cost of a healthy step). ``sites`` is
     the list of sites in execution order, or a function that builds it (a healthy step with
@@ -58,260 +50,158 @@ class _LazyRows:
         return self._materialize()[i]
 
 
-class Decoder:
-    """Decoding, policy and inspection methods of :class:`~healthmon.Monitor`."""
+class Context(NamedTuple):
+    """What judging a step needs of its monitor: the ``recorder`` (sites, stacks, the last
+    healthy rows), the watched ``modules`` (their type names go into reports), ``sync``
+    (records were judged in their hooks already) and ``rank`` (None unless distributed)."""
+    recorder: Recorder
+    modules: list
+    sync: bool
+    rank: Optional[int]
 
-    # ----------------------------------------------------------------- decoding / policy
 
-    def _decode_partial(self, step: Step) -> None:
-        """CPU, before the optimizer's update: check the records of the open step so far
-        and apply the policy now (a bad gradient raises before it reaches the weights).
-        The step's final decode reports only what came after."""
-        if self.config.sync or self._dist is not None or (
-                step.decoded >= len(step.order) and not self._rec.has_compiled):
-            return
-        rows = self._rec.cpu_rows()  # CPU: judged in place; the step's final decode copies
-        if rows is None:
-            self._rec.copy_to_host()
-        self._decode(step, True, partial=True, hosts=rows)
+class Judgement(NamedTuple):
+    """``first``: the step's first anomaly (its consequences attached), or None. ``view``:
+    the sites the sinks see, in execution order; None for a healthy step with compiled
+    records, whose order is merged only if read (:func:`merged_view`)."""
+    first: Optional[Anomaly]
+    view: Optional[list]
 
-    def _decode(self, step: Step, apply_policy: bool, partial: bool = False,
-                hosts: Optional[dict] = None) -> None:
-        """Turn the step's host rows into anomalies and sink rows (``hosts``: rows to read
-        instead of the host copies, ``{buffer: float64 (used, NUM_STATS)}``).
 
-        Only rows with a nonzero NaN / ±Inf / bad-label count (columns 1-3, found with one
-        native scan per buffer) are converted to Python and judged; the healthy rows
-        stay in the host tensors, kept as the step's view (``records()`` and the sinks read
-        it) and as the previous step's rows ("last healthy record" of a later anomaly)."""
-        if hosts is None:
-            self._rec.wait()
-            hosts = self._rec.host_tensors()
-        flagged = self._rec.flagged(hosts)
-        first: Optional[Anomaly] = None if partial else step.anomaly
-        healthy = first is None and not any(flagged.values())
-        # (a compiled graph is the same every step: the record op skips the steps the
-        # cadence skips, and only a CUDA graph replay records them anyway; the decode
-        # judges active steps only)
-        compiled = self._rec.has_compiled and step.active
-        if partial and healthy:  # nothing to report before the update
-            step.decoded = len(step.order)
-            step.compiled_decoded = step.compiled_decoded or compiled
-            return
-        prev_bwd = None
-        done = 0 if partial else step.decoded
-        order = step.order[step.decoded:] if partial else step.order
-        if partial:
-            step.decoded += len(order)
-        compiled_done = step.compiled_decoded and not partial
-        view = []  # (site, stack id) of the rows the sinks see, in execution order
-        if healthy and not partial:
-            # the healthy step (the common case): nothing to judge, no Python per row; the
-            # execution order is built only if the rows are read (sinks, rules, records())
-            if compiled and not order and not self._rec.any_compiled_written(hosts):
-                return  # nothing ran in this step
-            eager = order
-            view = (lambda: [site for site, _ in merge_order(eager, self._rec.compiled_written(
-                kept)) if site.phase != "label"]) if compiled else \
-                [site for site, _ in order if site.phase != "label"]
-            order = ()
-        elif compiled and not (partial and step.compiled_decoded):
-            order = merge_order(order, self._rec.compiled_written(hosts))
-            step.compiled_decoded = step.compiled_decoded or partial
-        eager_seen = 0
-        for site, sid in order:
-            if site.compiled:
-                if compiled_done:
-                    view.append(site)  # checked before the update already
-                    continue
-            else:
-                eager_seen += 1
-                if eager_seen <= done:
-                    if site.phase != "label":
-                        view.append(site)  # checked before the update already
-                    continue
-            if site.slot not in flagged[site.buffer]:
+def is_bad(site: Site, row: list) -> Optional[str]:
+    """``"nan"``, ``"inf"`` or None for one record row (float64 list, ``NUM_STATS``)."""
+    if row[1]:
+        return "nan"
+    if (row[2] or row[3]) and not site.allow_inf and not (
+            site.phase in ("input", "forward") and is_additive_mask(row)):  # 0/-inf mask
+        return "inf"
+    return None
+
+
+def merged_view(order: list, compiled: List[Site]) -> List[Site]:
+    """The sites of a step's eager ``order`` ``[(site, stack id)]`` and its written
+    ``compiled`` sites, in execution order, labels left out (they have rows of their own)."""
+    return [site for site, _ in merge_order(order, compiled) if site.phase != "label"]
+
+
+def make_anomaly(site: Site, row: list, sid: int, step: int, prev_bwd,
+                 ctx: Context) -> Anomaly:
+    """The anomaly of bad row ``row`` of ``site`` (stack ``sid``) in ``step``.
+    ``prev_bwd``: ``(site, stack id)`` of the last healthy gradient record before it, the
+    consumer a bad gradient of another module is blamed on (None: no blame)."""
+    name, role, stack_id, call = site.name, site.role, sid, site.call
+    module = site.module
+    if site.phase == "backward" and prev_bwd is not None and prev_bwd[0].module != site.module:
+        consumer, consumer_sid = prev_bwd
+        name, call, stack_id = consumer.name, consumer.call, consumer_sid
+        module = consumer.module
+        which = site.role[len("grad_"):] if site.role.startswith("grad_") else site.role
+        role = f"grad_input (gradient of {site.name} {which})"
+    rec = ctx.recorder
+    last = rec.last_healthy(site)
+    return Anomaly(site=name, phase=site.phase, role=role, step=step,
+                   kind=is_bad(site, row), stats=TensorStats.from_record(row),
+                   stack=rec.stacks.frames(stack_id),
+                   last_healthy=TensorStats.from_record(last) if last is not None else None,
+                   call=call, rank=ctx.rank,
+                   module_type=type(ctx.modules[module]).__name__ if module >= 0 else "")
+
+
+def judge(step: Step, hosts: dict, ctx: Context, partial: bool = False
+          ) -> Optional[Judgement]:
+    """Judge ``step``'s rows (``hosts``: ``{buffer: float64 (used, NUM_STATS)}``).
+
+    Only rows with a nonzero NaN / ±Inf / bad-label count (columns 1-3, found with one
+    native scan per buffer) are converted to Python; a healthy step costs no Python per row.
+    ``partial``: the open step before the optimizer's update; the records judged are marked
+    in ``step`` (``decoded``, ``compiled_decoded``) and its final judgement reports only
+    what came after. Returns None when nothing ran in the step (every compiled site
+    unwritten).
+    """
+    rec = ctx.recorder
+    flagged = rec.flagged(hosts)
+    first: Optional[Anomaly] = None if partial else step.anomaly
+    healthy = first is None and not any(flagged.values())
+    # (a compiled graph is the same every step: the record op skips the steps the cadence
+    # skips, and only a CUDA graph replay records them anyway; only active steps are judged)
+    compiled = rec.has_compiled and step.active
+    if partial and healthy:  # nothing to report before the update
+        step.decoded = len(step.order)
+        step.compiled_decoded = step.compiled_decoded or compiled
+        return Judgement(None, [])
+    if healthy:  # the common case: nothing to judge
+        if compiled:
+            return Judgement(None, None) if step.order or rec.any_compiled_written(hosts) \
+                else None
+        view = [site for site, _ in step.order if site.phase != "label"]
+        return Judgement(None, view) if view else None
+    prev_bwd = None
+    done = 0 if partial else step.decoded
+    order = step.order[step.decoded:] if partial else step.order
+    if partial:
+        step.decoded += len(order)
+    compiled_done = step.compiled_decoded and not partial
+    if compiled and not (partial and step.compiled_decoded):
+        order = merge_order(order, rec.compiled_written(hosts))
+        step.compiled_decoded = step.compiled_decoded or partial
+    view: List[Site] = []
+    eager_seen = 0
+    for site, sid in order:
+        if site.compiled:
+            if compiled_done:
+                view.append(site)  # judged before the update already
+                continue
+        else:
+            eager_seen += 1
+            if eager_seen <= done:
                 if site.phase != "label":
-                    view.append(site)
-                    if site.phase == "backward":
-                        prev_bwd = (site, sid)
+                    view.append(site)  # judged before the update already
                 continue
-            row = hosts[site.buffer][site.slot].tolist()
-            if site.phase == "label":
-                meta = step.label_meta[site]
-                if row[LABEL["bad"]] and not meta[4] and (not self.config.sync or
-                                                          self._dist is not None):
-                    stats = labels.LabelStats.from_record(row[:NUM_LABEL], *meta[:4])
-                    anomaly = labels.label_anomaly(stats, site.name, self._stacks.frames(sid),
-                                                   step.index, role=site.role)
-                    if first is None:
-                        first = anomaly
-                    else:
-                        first.consequences.append(anomaly)
-                continue
-            view.append(site)
-            bad = self._bad(site, row)
-            if not bad:
+        if site.slot not in flagged[site.buffer]:
+            if site.phase != "label":
+                view.append(site)
                 if site.phase == "backward":
                     prev_bwd = (site, sid)
-                continue
-            if self.config.sync:
-                continue  # already reported by its hook
-            # consequences keep their own site: prev_bwd is the last *healthy* consumer, a
-            # blame that only holds for the first bad gradient
-            anomaly = self._anomaly(site, row, sid, step.index,
-                                    prev_bwd if first is None else None)
-            if first is None:
-                first = anomaly
-            else:
-                first.consequences.append(anomaly)
-        if partial:
-            if first is not None:
-                step.anomaly = first  # later records of the step are its consequences
-                step.partial_reported = True
-                self._report(first, apply_policy)
-            return
-        if not view and first is None:
-            return  # nothing ran in this step (compiled sites all unwritten)
-        # an accelerator's pinned host buffer is reused at the next boundary: keep a copy
-        kept = {b: h if b.device.type == "cpu" else h.clone() for b, h in hosts.items()}
-        self._rec.keep_healthy(kept)
-        self._last_rows = _LazyRows(view, kept)
-        self._last_step = step.index
-        if self.sinks:
-            dicts = self._row_dicts(self._last_rows)
-            call_sinks(self.sinks, "write_step", step.index, dicts)
-        if self._rules is not None and self._rules_cadence.due():
-            # early warnings (none in a step with an anomaly), within their time budget
-            t0 = time.perf_counter()
-            # (the step's whole order for the sites' stacks: ``order`` is empty on the
-            # healthy path, the only one that warns)
-            alerts.issue(self._rules.evaluate_view(step.index, self._last_rows.sites(), kept),
-                         step.order, step.index, self._stacks.frames, self.warnings,
-                         self.sinks, self._dist.rank if self._dist is not None else None,
-                         self._modules)
-            self._rules_cadence.spent(time.perf_counter() - t0)
-        if self._dist is not None and apply_policy:  # every rank takes the same branch
-            self._dist.settle(step.index, first, reported=self.config.sync)
-        elif first is not None and not self.config.sync and not step.partial_reported:
-            self._report(first, apply_policy)
-
-    @staticmethod
-    def _bad(site: Site, row: list) -> Optional[str]:
-        if row[1]:
-            return "nan"
-        if (row[2] or row[3]) and not site.allow_inf and not (
-                site.phase in ("input", "forward") and is_additive_mask(row)):  # 0/-inf mask
-            return "inf"
-        return None
-
-    def _anomaly(self, site: Site, row: list, sid: int, step: int, prev_bwd) -> Anomaly:
-        name, role, stack_id, call = site.name, site.role, sid, site.call
-        module = site.module
-        if site.phase == "backward" and prev_bwd is not None and prev_bwd[0].module != site.module:
-            consumer, consumer_sid = prev_bwd
-            name, call, stack_id = consumer.name, consumer.call, consumer_sid
-            module = consumer.module
-            which = site.role[len("grad_"):] if site.role.startswith("grad_") else site.role
-            role = f"grad_input (gradient of {site.name} {which})"
-        last = self._rec.last_healthy(site)
-        return Anomaly(site=name, phase=site.phase, role=role, step=step,
-                       kind=self._bad(site, row), stats=TensorStats.from_record(row),
-                       stack=self._stacks.frames(stack_id),
-                       last_healthy=TensorStats.from_record(last) if last is not None else None,
-                       call=call, rank=self._dist.rank if self._dist is not None else None,
-                       module_type=type(self._modules[module]).__name__ if module >= 0 else "")
-
-    def _check_now(self, site: Site, sid: int) -> None:
-        """Sync mode: read the record just written and report it if bad (raises here)."""
-        row = site.buffer.records[site.slot].tolist()
-        cur = self._cur
-        if not self._bad(site, row):
-            site.last_healthy = row
+            continue
+        row = hosts[site.buffer][site.slot].tolist()
+        if site.phase == "label":
+            meta = step.label_meta[site]
+            # (sync mode without distribution reported it at the loss call)
+            if row[LABEL["bad"]] and not meta[4] and (not ctx.sync or ctx.rank is not None):
+                stats = labels.LabelStats.from_record(row[:NUM_LABEL], *meta[:4])
+                anomaly = labels.label_anomaly(stats, site.name, rec.stacks.frames(sid),
+                                               step.index, role=site.role)
+                if first is None:
+                    first = anomaly
+                else:
+                    first.consequences.append(anomaly)
+            continue
+        view.append(site)
+        if not is_bad(site, row):
             if site.phase == "backward":
-                cur.prev_bwd = (site, sid)
-            return
-        anomaly = self._anomaly(site, row, sid, cur.index,
-                                cur.prev_bwd if cur.anomaly is None else None)
-        if cur.anomaly is not None:
-            cur.anomaly.consequences.append(anomaly)
-            return
-        cur.anomaly = anomaly
-        if self._drill is not None:  # the exact op and line (a replay, first anomaly only)
-            self._drill.explain(site, anomaly)
-        self._report(anomaly, self._dist is None)  # distributed: raise at the boundary
-
-    def _report(self, anomaly: Anomaly, apply_policy: bool) -> None:
-        last = self._last_report
-        if last is not None and last.step == anomaly.step and last.rank == anomaly.rank:
-            # a later segment of a step already reported (several forwards or evaluation
-            # batches in one step): one anomaly per step, the rest are its consequences
-            last.consequences.append(anomaly)
-            last.consequences.extend(anomaly.consequences)
-            anomaly.consequences = []
-            return
-        self._last_report = anomaly
-        if len(self.anomalies) < MAX_ANOMALIES:
-            self.anomalies.append(anomaly)
+                prev_bwd = (site, sid)
+            continue
+        if ctx.sync:
+            continue  # already reported by its hook
+        # consequences keep their own site: prev_bwd is the last *healthy* consumer, a
+        # blame that only holds for the first bad gradient
+        anomaly = make_anomaly(site, row, sid, step.index,
+                               prev_bwd if first is None else None, ctx)
+        if first is None:
+            first = anomaly
         else:
-            self.dropped_anomalies += 1
-        call_sinks(self.sinks, "write_anomaly", anomaly)
-        if not apply_policy:
-            return
-        mode = self.config.on_anomaly
-        if mode == "raise":
-            if self.remove_on_raise:  # a trainer callback: the error leaves the loop
-                self._release()
-            raise HealthError(anomaly)
-        if mode == "warn":
-            warnings.warn(anomaly.report(), RuntimeWarning, stacklevel=2)
-        elif mode == "skip":
-            warnings.warn(anomaly.report() + "\n  on_anomaly=skip: this step's update is "
-                          "skipped (the weights and the optimizer state stay as they were)",
-                          RuntimeWarning, stacklevel=2)
-        else:
-            _log.error("%s", anomaly.report())
+            first.consequences.append(anomaly)
+    if not partial and not view and first is None:
+        return None  # nothing ran in this step (compiled sites all unwritten)
+    return Judgement(first, view)
 
-    # ----------------------------------------------------------------- inspection
 
-    @staticmethod
-    def _row_dicts(rows) -> List[dict]:
-        out = []
-        for order, (site, row) in enumerate(rows):
-            d = {"site": site.name, "phase": site.phase, "role": site.role,
-                 "call": site.call, "order": order}
-            d.update(TensorStats.from_record(row).as_dict())
-            out.append(d)
-        return out
-
-    def records(self) -> List[dict]:
-        """Rows of the last decoded step, in execution order (see :mod:`healthmon.sinks`)."""
-        return self._row_dicts(self._last_rows)
-
-    def summary(self, width: Optional[int] = None, limit: Optional[int] = None) -> str:
-        """Per-site table of the last decoded step (worst first), plus skipped tensors."""
-        from .summary import format_summary
-        if not self.config.enabled:
-            return "healthmon is off (HEALTHMON=off): nothing recorded"
-        head = f"healthmon: step {self._last_step}" if self._last_step is not None \
-            else "healthmon: no step decoded yet (call mon.check())"
-        text = head + "\n" + format_summary(self.records(), width=width, limit=limit)
-        if self.warnings:
-            text += "\n" + alerts.format_warnings(self.warnings)
-        if self.skipped:
-            text += "\nskipped (not recorded): " + "; ".join(
-                f"{n} x {reason}" for reason, n in sorted(self.skipped.items()))
-        return text
-
-    @property
-    def last_step(self) -> Optional[int]:
-        """Step number of the rows ``records()`` returns (None before the first decode)."""
-        return self._last_step
-
-    @property
-    def num_sites(self) -> int:
-        return len(self._sites)
-
-    def buffer_bytes(self) -> int:
-        """Bytes of the device record buffers (bounded by the number of sites)."""
-        return self._rec.nbytes()
+def row_dicts(rows) -> List[dict]:
+    """Sink / ``records()`` rows of ``(site, row list)`` pairs, in order."""
+    out = []
+    for order, (site, row) in enumerate(rows):
+        d = {"site": site.name, "phase": site.phase, "role": site.role,
+             "call": site.call, "order": order}
+        d.update(TensorStats.from_record(row).as_dict())
+        out.append(d)
+    return out

@@ -306,8 +306,9 @@ class RankAgreement:
         except ImportError:  # older torch: no FSDP2
             pass
         # the role says which gradient a ``grad`` record is (local vs reduced shard)
-        monitor._grad_roles = [_grad_role(pname, p, fsdp_ids) for (_, pname), p in
-                               zip(monitor._param_sites, monitor._params)]
+        params = monitor._param_records
+        params.grad_roles[:] = [_grad_role(pname, p, fsdp_ids)
+                                for (_, pname), p in zip(params.sites, params.params)]
 
     def settle(self, step: int, local: Optional[Anomaly], reported: bool) -> None:
         """After decoding ``step``: record ``local`` (this rank's first anomaly, or None),
@@ -318,7 +319,7 @@ class RankAgreement:
         :class:`RankMismatchError`.
         """
         if local is not None and not reported:
-            self._mon()._report(local, False)  # history and sinks; the policy waits
+            self._mon()._reporter.report(local, False)  # history, sinks; policy waits
         pending, self._pending = self._pending, None
         if pending is not None:  # CUDA: the previous step's flag, already on the host
             self._conclude(self._finish(pending))
@@ -387,11 +388,7 @@ class RankAgreement:
         mon, me = self._mon(), self.rank
         primary = by_rank[first_ranks[0]]
         if me not in by_rank:  # so that check() is non-empty on every rank alike
-            from .decode import MAX_ANOMALIES  # (a lower module: no cycle)
-            if len(mon.anomalies) < MAX_ANOMALIES:
-                mon.anomalies.append(primary)
-            else:
-                mon.dropped_anomalies += 1
+            mon._reporter.keep(primary)
         text = _message(me, self.world_size, by_rank, first_ranks)
         mode = mon.config.on_anomaly
         if mode == "raise":

@@ -87,6 +87,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import Operation
 from .hooks import walk
+from .owners import Owners
 from .stacks import _is_machinery
 
 _PACKAGE_DIR = __file__[:-len("drilldown.py")]
@@ -551,11 +552,18 @@ def _risky(node) -> bool:
 class _State:
     replaying = 0
     depth = 0  # nesting of the backward wrappers (Tensor.backward -> autograd.backward)
-    owners: list = []  # Drilldown objects of live sync monitors, most recent last
     originals: dict = {}
 
 
+def _restore_originals() -> None:
+    if _STATE.originals:
+        torch.Tensor.backward = _STATE.originals.pop("tensor")
+        torch.autograd.backward = _STATE.originals.pop("autograd")
+
+
 _STATE = _State()
+# Drilldown objects of live sync monitors, oldest first (weakly: see healthmon.owners)
+_STATE.owners = Owners(on_collected=_restore_originals)
 
 
 def _owner():
@@ -640,22 +648,21 @@ def install(drill: "Drilldown") -> None:
     (reference-counted; the last :func:`uninstall` restores the originals)."""
     if drill in _STATE.owners:
         return
-    if not _STATE.owners:
+    if not _STATE.originals:
         _STATE.originals["tensor"] = torch.Tensor.backward
         _STATE.originals["autograd"] = torch.autograd.backward
         torch.Tensor.backward = _wrap_tensor_backward(torch.Tensor.backward)
         torch.autograd.backward = _wrap_autograd_backward(torch.autograd.backward)
-    _STATE.owners.append(drill)
+    _STATE.owners.add(drill)
 
 
 def uninstall(drill: "Drilldown") -> None:
     """Undo :func:`install` for ``drill``."""
     if drill not in _STATE.owners:
         return
-    _STATE.owners.remove(drill)
+    _STATE.owners.discard(drill)
     if not _STATE.owners:
-        torch.Tensor.backward = _STATE.originals.pop("tensor")
-        torch.autograd.backward = _STATE.originals.pop("autograd")
+        _restore_originals()
 
 
 def installed() -> bool:

@@ -9,6 +9,7 @@ depth and count; everything else (None, ints, custom objects) is skipped. Role n
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
 from typing import Iterator, List, Optional, Tuple
 
@@ -16,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import ops
+from .owners import Owners
 
 MAX_DEPTH = 4
 MAX_TENSORS = 256
@@ -69,13 +71,13 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+PLAIN = (torch.Tensor, torch.nn.Parameter)  # what ``type(t) in PLAIN`` lets through
 
 
 def unsupported(t: torch.Tensor):
     """Why the monitor skips ``t`` (None when it can record it); never synchronises.
     A DTensor is judged by its local shard, which is what the monitor records."""
-    if type(t) in _PLAIN and t.layout is torch.strided and t.dtype in ops.STATS_DTYPES \
+    if type(t) in PLAIN and t.layout is torch.strided and t.dtype in ops.STATS_DTYPES \
             and not t.is_meta and not t.is_nested:
         return None  # the common case, decided in a few attribute reads (hot path)
     t = local_tensor(t)
@@ -223,14 +225,22 @@ class RootPreHook(OwnedHook):
 
 class ParamHook(OwnedHook):
     """Post-accumulate-grad hook of watched parameter ``index`` (the C++ hooks of
-    :mod:`healthmon.fastpath` hold it weakly)."""
+    :mod:`healthmon.fastpath` hold it weakly). It holds its monitor weakly too: torch keeps
+    a parameter's Python post-accumulate hooks in C++, out of the garbage collector's sight,
+    so a strong reference would make model and monitor a cycle never collected (the model's
+    forward hooks keep the monitor alive while the model is)."""
 
     __slots__ = ("__weakref__",)
+
+    def __init__(self, monitor, target, index: int):
+        super().__init__(weakref.ref(monitor), target, index)
 
     def __call__(self, param):
         if param is not self.target():
             return Inert.__call__(self, param)
-        self.monitor._on_param_grad(self.index, param)
+        mon = self.monitor()
+        if mon is not None:
+            mon._on_param_grad(self.index, param)
         return None
 
 
@@ -265,6 +275,79 @@ def skip_when_eager(fn):
 _untraced_frames()
 
 
+class GradHook:
+    """Pre-hook of a module output's autograd node: records the output's gradient (eager).
+    ``site``: the gradient site, handed over when known (the monitor keeps it per module
+    for the common single-tensor output), else looked up on the first call. ``part``: the
+    output's index in a flat tuple output (-1: not one), for the C++ fast path. Lives on
+    the autograd graph of one step only (never in a module's hook dict)."""
+
+    __slots__ = ("monitor", "index", "role", "call", "sid", "output_nr", "site", "part")
+
+    def __init__(self, monitor, index: int, role: str, call: int, sid: int,
+                 output_nr: int = 0, site=None, part: int = -1):
+        self.monitor, self.index, self.role, self.call, self.sid = monitor, index, role, call, sid
+        self.output_nr, self.site, self.part = output_nr, site, part
+
+    def __call__(self, grad_outputs):
+        grad = grad_outputs[self.output_nr]
+        if grad is not None:
+            self.monitor._on_grad(self, grad)
+        return None
+
+
+skip_when_eager(GradHook.__call__)
+
+
+class OptimizerHooks:
+    """One global pre- and post-step hook pair for every live monitor: torch iterates its
+    global hook dicts in ``step()``, so a monitor created or removed in one thread while
+    another thread steps must not change them (installed by the first monitor, removed
+    with the last). Calls each monitor's ``_optimizer_pre_hook`` / ``_optimizer_hook``."""
+
+    def __init__(self):
+        # weakly (see healthmon.owners); the hooks stay installed when the last monitor is
+        # collected instead of removed (torch may be iterating its hook dict then)
+        self.monitors = Owners()
+        self.handles: list = []
+        self.lock = threading.Lock()
+
+    def add(self, mon) -> None:
+        with self.lock:
+            if not self.handles:
+                from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                                   register_optimizer_step_pre_hook)
+                self.handles = [register_optimizer_step_pre_hook(self.pre),
+                                register_optimizer_step_post_hook(self.post)]
+            self.monitors.add(mon)  # copy on write: hooks iterate a snapshot
+
+    def discard(self, mon) -> None:
+        with self.lock:
+            if mon not in self.monitors:
+                return
+            self.monitors.discard(mon)
+            if not self.monitors:
+                for h in self.handles:
+                    h.remove()
+                self.handles = []
+
+    def pre(self, optimizer, args, kwargs):
+        changed = False
+        for mon in self.monitors:
+            result = mon._optimizer_pre_hook(optimizer, args, kwargs)
+            if result is not None:  # a wrapped closure
+                args, kwargs = result
+                changed = True
+        return (args, kwargs) if changed else None
+
+    def post(self, optimizer, args, kwargs) -> None:
+        for mon in self.monitors:
+            mon._optimizer_hook(optimizer, args, kwargs)
+
+
+OPTIMIZER_HOOKS = OptimizerHooks()
+
+
 MAX_SUBCLASS_DEPTH = 4
 
 
@@ -285,7 +368,7 @@ def record_parts(t: torch.Tensor, role: str, _depth: int = 0
         ``(parts, None)``, or ``([], reason)`` when ``t`` is not recorded (the reason goes to
         ``Monitor.skipped``). Never synchronises; keeps no reference.
     """
-    if type(t) in _PLAIN or _is_dtensor(t):
+    if type(t) in PLAIN or _is_dtensor(t):
         reason = unsupported(t)
         return ([], reason) if reason is not None else ([(role, local_tensor(t))], None)
     if is_traceable_wrapper_subclass(t):

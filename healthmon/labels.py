@@ -28,6 +28,7 @@ import torch
 from . import ops
 from ._layout import LABEL
 from .errors import Anomaly, HealthError
+from .owners import Owners
 
 MAX_BAD_VALUES = 5
 INT64_MAX = (1 << 63) - 1
@@ -410,7 +411,6 @@ def check_dataset_labels(loader: Iterable, num_classes: int, ignore_index: int =
 
 _GUARDED = ("cross_entropy_loss", "nll_loss_nd")
 _originals: dict = {}
-_owners: list = []  # live monitors, most recent last
 
 
 def _num_classes(input: torch.Tensor) -> Optional[int]:
@@ -538,23 +538,31 @@ def install_loss_guard(monitor) -> None:
     per monitor; the first installs the wrappers)."""
     if monitor in _owners:
         return
-    if not _owners:
+    if not _originals:
         for namespace, name, make in _guard_targets():
             original = getattr(namespace, name)
             _originals[(namespace, name)] = original
             setattr(namespace, name, make(original))
-    _owners.append(monitor)
+    _owners.add(monitor)
 
 
 def uninstall_loss_guard(monitor) -> None:
     """Undo :func:`install_loss_guard`; the last monitor restores the originals."""
     if monitor not in _owners:
         return
-    _owners.remove(monitor)
+    _owners.discard(monitor)
     if not _owners:
-        for (namespace, name), original in _originals.items():
-            setattr(namespace, name, original)
-        _originals.clear()
+        _restore_originals()
+
+
+def _restore_originals() -> None:
+    for (namespace, name), original in _originals.items():
+        setattr(namespace, name, original)
+    _originals.clear()
+
+
+# live monitors, oldest first (weakly: a model dropped without remove() takes the guard along)
+_owners = Owners(on_collected=_restore_originals)
 
 
 def loss_guard_installed() -> bool:

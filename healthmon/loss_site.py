@@ -22,8 +22,8 @@ from typing import List
 import torch
 
 from .hooks import skip_when_eager
+from .owners import Owners
 
-_owners: list = []  # live monitors, most recent last
 _originals: dict = {}
 _state = threading.local()  # depth: Tensor.backward calls torch.autograd.backward
 
@@ -116,7 +116,7 @@ def install(monitor) -> None:
         if not _in_chain(torch.autograd.backward):
             _originals["autograd"] = torch.autograd.backward
             torch.autograd.backward = _wrap_autograd_backward(torch.autograd.backward)
-    _owners.append(monitor)
+    _owners.add(monitor)
 
 
 def uninstall(monitor) -> None:
@@ -125,13 +125,20 @@ def uninstall(monitor) -> None:
     pass-through (no owners: it records nothing) rather than breaking that wrapper."""
     if monitor not in _owners:
         return
-    _owners.remove(monitor)
-    if _owners:
-        return
+    _owners.discard(monitor)
+    if not _owners:
+        _restore_originals()
+
+
+def _restore_originals() -> None:
     if "tensor" in _originals and _ours(torch.Tensor.backward):
         torch.Tensor.backward = _originals.pop("tensor")
     if "autograd" in _originals and _ours(torch.autograd.backward):
         torch.autograd.backward = _originals.pop("autograd")
+
+
+# live monitors, oldest first (weakly: see healthmon.owners)
+_owners = Owners(on_collected=_restore_originals)
 
 
 def installed() -> bool:

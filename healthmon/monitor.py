@@ -47,25 +47,32 @@ from __future__ import annotations
 
 import fnmatch
 import threading
+import time
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from . import alerts, decode
 from . import distributed as _distributed
 from . import drilldown, fastpath, labels, loss_site, native_rules, ops, traced
 from . import rules as _rules
 from ._layout import LABEL, NUM_LABEL
+from .actions import Reporter, UpdateSkipper
 from .config import Config, resolve
 from .errors import Anomaly
-from .hooks import (ForwardHook, ParamHook, ReplayableForwardHook, RootPreHook, local_tensor,
-                    record_parts, skip_when_eager, unsupported, walk)
-from .decode import Decoder
+from .hooks import (OPTIMIZER_HOOKS, PLAIN, ForwardHook, GradHook, ParamHook,
+                    ReplayableForwardHook, RootPreHook, local_tensor, record_parts, unsupported,
+                    walk)
+from .param_records import ParamRecords
 from .records import PHASE_RANK, Recorder, Site, Step, execution_key, merge_order
 from .sinks import call_sinks
+from .summary import format_summary
 
-_WATCHED: "weakref.WeakKeyDictionary[nn.Module, Monitor]" = weakref.WeakKeyDictionary()
+# module -> weak reference to the monitor watching it (both weak: a model dropped without
+# remove() is collected with its monitor)
+_WATCHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 MAX_FORWARDS_PER_SEGMENT = 64  # training forwards of one step before a segment is decoded
 _FORWARD_TICKS = [0]
 
@@ -113,7 +120,7 @@ def _passes_through(module: nn.Module) -> bool:
         and not module._forward_pre_hooks
 
 
-class Monitor(Decoder):
+class Monitor:
     """Watches modules' inputs, outputs, gradients and parameter gradients.
 
     Create it with :func:`watch`. Attributes: ``anomalies`` (list of Anomaly, oldest
@@ -136,37 +143,33 @@ class Monitor(Decoder):
         # remove every hook when a HealthError is raised (the trainer callbacks: the error
         # ends training wherever it is raised, e.g. from inside optimizer.step())
         self.remove_on_raise = False
-        self.anomalies: List[Anomaly] = []
-        self.dropped_anomalies = 0
-        self._last_report: Optional[Anomaly] = None  # one anomaly per step (see _report)
-        self.skipped: Dict[str, int] = {}
-        self.skipped_steps: List[int] = []  # on_anomaly="skip": steps whose update was dropped
         self.sinks = list(sinks)
+        self._reporter = Reporter(config.on_anomaly, self.sinks, self._release_on_raise)
+        self.anomalies: List[Anomaly] = self._reporter.anomalies
+        self.skipped: Dict[str, int] = {}
+        self._skipper = UpdateSkipper(config.max_skips)
+        # on_anomaly="skip": the steps whose update was dropped
+        self.skipped_steps: List[int] = self._skipper.steps
         self.step_index = 0
         self._allow_inf = tuple(allow_inf)
         self._removed = not config.enabled
         self._handles: list = []
         self._modules: List[nn.Module] = []
         self._names: List[str] = []
-        self._params: List[nn.Parameter] = []
-        self._param_sites: List[Tuple[int, str]] = []  # (module index, parameter name)
-        self._grad_roles: List[str] = []  # role of each parameter's ``grad`` records
-        self._param_ids: set = set()
         self._rec = Recorder(64, self._site_allows_inf)
         self._trace = traced.TraceState()
         self._mod_stack: List[int] = []
+        self._param_records = ParamRecords(self._rec, self._names, self._mod_stack, self._skip)
         self._calls: List[int] = []
         # module -> [site of its call-k single-tensor "output" / its "grad_output"]
         self._fwd_cache: List[List[Optional[Site]]] = []
         self._bwd_cache: List[List[Optional[Site]]] = []
-        self._param_cache: Dict[str, dict] = {}  # phase -> parameter -> (site, dtype, ...)
-        self._param_plans: Dict[str, tuple] = {}  # phase -> the last batch's plan
         self._seen: Dict[int, tuple] = {}  # id(tensor) -> (weakref, recorded fwd, hooked bwd)
         self._input_sid = -1  # the stack of the last root forward (its capture's hint)
         self._grad_queue: Dict[int, None] = {}
         self._callback_queued = False
         self._pending: Optional[Step] = None
-        self._last_rows: List[Tuple[Site, list]] = []
+        self._last_rows = decode.LazyRows([], {})  # the last decoded step's rows
         self._last_step: Optional[int] = None
         self._checked = 0
         self._opt_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -215,13 +218,13 @@ class Monitor(Decoder):
                 RootPreHook(self, roots[0], 0), with_kwargs=True))
             for r, root in enumerate(roots):
                 self._add_modules(root, self.prefix if r == 0 else type(root).__name__)
-            _optimizer_hooks.add(self)
+            OPTIMIZER_HOOKS.add(self)
         except Exception:
             self._detach()
             raise
         # rows for every module output, output gradient and parameter (and its gradient)
         # from the start: the buffers do not grow (move) once a graph captured them
-        self._rec.capacity = 2 * len(self._modules) + len(self._params) + 64
+        self._rec.capacity = 2 * len(self._modules) + len(self._param_records) + 64
         labels.install_loss_guard(self)
         loss_site.install(self)
         self._warn_if_compiled(roots[0])
@@ -251,7 +254,8 @@ class Monitor(Decoder):
         for qual, mod in _distributed.named_modules(root):  # without wrapper prefixes
             if id(mod) in known:
                 continue
-            owner = _WATCHED.get(mod)
+            ref = _WATCHED.get(mod)
+            owner = ref() if ref is not None else None
             if owner is not None and owner is not self and owner.auto and not self.auto:
                 owner.remove()  # healthmon run / watch_all: the script's own watch() wins
                 owner = None
@@ -280,19 +284,16 @@ class Monitor(Decoder):
                 self._handles.append(mod.register_forward_hook(
                     ReplayableForwardHook(self, mod, i), with_kwargs=True))
             for pname, p in mod.named_parameters(recurse=False):
-                if id(p) in self._param_ids or not p.requires_grad:
+                pindex = self._param_records.add(i, pname, p)
+                if pindex is None:
                     continue
-                self._param_ids.add(id(p))
-                self._params.append(p)
-                self._param_sites.append((i, pname))
-                self._grad_roles.append(pname)
-                hook = ParamHook(self, p, len(self._params) - 1)
+                hook = ParamHook(self, p, pindex)
                 if self._param_hooks is None or type(p) is not nn.Parameter:
                     # (FSDP2 calls a sharded DTensor parameter's Python hooks itself)
                     self._handles.append(p.register_post_accumulate_grad_hook(hook))
                 else:  # in C++: no Python call per parameter per backward
                     fastpath.install_param_hook(self, p, hook)
-            _WATCHED[mod] = self
+            _WATCHED[mod] = weakref.ref(self)
 
     def add(self, module: nn.Module, prefix: Optional[str] = None) -> None:
         """Watch one more module (e.g. a loss module created later) in this monitor: same
@@ -315,20 +316,21 @@ class Monitor(Decoder):
         loss_site.uninstall(self)  # installed after the drill-down's wrapper: undone first
         if self._drill is not None:
             drilldown.uninstall(self._drill)
-        _optimizer_hooks.discard(self)
+        OPTIMIZER_HOOKS.discard(self)
         if self._param_hooks is not None:
             self._param_hooks.remove()  # each slot back to what it held (the user's hooks)
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for p in self._params:  # torch leaves {} behind: restore the untouched state
+        for p in self._param_records.params:  # torch leaves {} behind: restore the untouched state
             if not getattr(p, "_post_accumulate_grad_hooks", None):
                 try:
                     p._post_accumulate_grad_hooks = None
                 except (AttributeError, RuntimeError):
                     pass
         for mod in self._modules:
-            if _WATCHED.get(mod) is self:
+            ref = _WATCHED.get(mod)
+            if ref is not None and ref() is self:
                 del _WATCHED[mod]
 
     def _release(self) -> None:
@@ -376,7 +378,7 @@ class Monitor(Decoder):
         state = "off" if not self.config.enabled else ("removed" if self._removed else
                                                        ("sync" if self.config.sync else "async"))
         return (f"<healthmon.Monitor {state}: {len(self._modules)} modules, "
-                f"{len(self._params)} parameters, {len(self._sites)} sites, "
+                f"{len(self._param_records)} parameters, {len(self._sites)} sites, "
                 f"step {self.step_index}, {len(self.anomalies)} anomalies>")
 
     # ----------------------------------------------------------------- recording (eager)
@@ -476,7 +478,7 @@ class Monitor(Decoder):
             self._calls[index] = call + 1
             sid = self._stacks.capture(2, self._mod_stack[index])
             self._mod_stack[index] = sid
-        if type(output) in _PLAIN and not recompute:
+        if type(output) in PLAIN and not recompute:
             self._forward_tensor(index, call, output, sid)  # the common case: one tensor
             return
         name = self._names[index]
@@ -500,10 +502,10 @@ class Monitor(Decoder):
             part = items.get(id(t), -1) if items else -1
             if not fwd_done and not recompute:
                 site = self._record(t, index, name, "forward", role, call, sid)
-                if part >= 0 and site is not None and type(t) in _PLAIN:
+                if part >= 0 and site is not None and type(t) in PLAIN:
                     fastpath.prime_forward(self, index, call, site, sid, part, len(output))
             if want_bwd:
-                t.grad_fn.register_prehook(_GradHook(self, index, "grad_" + role, call, sid,
+                t.grad_fn.register_prehook(GradHook(self, index, "grad_" + role, call, sid,
                                                      t.output_nr, part=part))
             if entry is None:
                 seen[id(t)] = (weakref.ref(t), True, want_bwd)
@@ -541,7 +543,7 @@ class Monitor(Decoder):
         fn = t.grad_fn
         want_bwd = fn is not None and torch.is_grad_enabled()
         if want_bwd:  # a node pre-hook: cheaper than Tensor.register_hook, same gradient
-            fn.register_prehook(_GradHook(self, index, "grad_output", call, sid, t.output_nr,
+            fn.register_prehook(GradHook(self, index, "grad_output", call, sid, t.output_nr,
                                           _cached(self._bwd_cache[index], call)))
         seen[key] = (weakref.ref(t), True, want_bwd)
         if self._fast is not None:
@@ -549,18 +551,18 @@ class Monitor(Decoder):
 
     def _on_forward_general(self, index: int, t, sid: int) -> None:
         # an inner module recorded this tensor's forward without a gradient hook
-        t.grad_fn.register_prehook(_GradHook(self, index, "grad_output", 0, sid, t.output_nr))
+        t.grad_fn.register_prehook(GradHook(self, index, "grad_output", 0, sid, t.output_nr))
         entry = self._seen[id(t)]
         self._seen[id(t)] = (entry[0], True, True)
 
-    def _on_grad(self, hook: "_GradHook", grad) -> None:
+    def _on_grad(self, hook: GradHook, grad) -> None:
         if self._removed or grad is None:
             return
         if _is_compiling():  # compiled autograd traces this hook of an eager forward
             traced.record_output_grad(self, hook.index, hook.role, hook.call, hook.sid, grad)
             return
         self._cur.backward = True
-        if type(grad) not in _PLAIN:  # a subclass: one row per inner tensor
+        if type(grad) not in PLAIN:  # a subclass: one row per inner tensor
             self._record(grad, hook.index, self._names[hook.index], "backward", hook.role,
                          hook.call, hook.sid)
             return
@@ -588,10 +590,10 @@ class Monitor(Decoder):
         single tensor) does not record itself (a new dtype or device, a subclass): the
         Python path, as if its hook had been ours."""
         if part < 0:
-            hook = _GradHook(self, index, "grad_output", call, sid, 0,
+            hook = GradHook(self, index, "grad_output", call, sid, 0,
                              _cached(self._bwd_cache[index], call))
         else:
-            hook = _GradHook(self, index, f"grad_output[{part}]", call, sid, part=part)
+            hook = GradHook(self, index, f"grad_output[{part}]", call, sid, part=part)
         self._on_grad(hook, grad)
 
     def _on_param_grad(self, pindex: int, param) -> None:
@@ -608,10 +610,10 @@ class Monitor(Decoder):
         if self.config.sync or self._dist is not None:
             # distributed: record now, before DDP's reducer (its hook runs after this
             # one) all-reduces the gradient in place in a bucket view
-            module = self._param_sites[pindex][0]
+            module = self._param_records.sites[pindex][0]
             if param.grad is not None:
                 self._record(param.grad, module, self._names[module], "grad",
-                             self._grad_roles[pindex], 0, self._mod_stack[module])
+                             self._param_records.grad_roles[pindex], 0, self._mod_stack[module])
             return
         self._grad_queue[pindex] = None
         if not self._callback_queued:
@@ -654,89 +656,9 @@ class Monitor(Decoder):
     def _record_param_batch(self, phase: str, pindexes: List[int],
                             sid: Optional[int]) -> None:
         """Record parameters ``pindexes``' gradients (phase ``grad``) or values (``param``)
-        with :meth:`_record_param_tensors`. The common case (the same parameters as last
-        time, plain tensors of the same dtypes and devices) is a ``_C.ParamPlan``: one C++
-        call checks every tensor, records them (one native op per buffer) and appends the
-        order entries (``csrc/param_plan.cpp``)."""
-        order = self._cur.order
-        plan = self._param_plans.get(phase)
-        if plan is not None:
-            first = len(order)
-            if plan[0].record(pindexes, [b.records for b in plan[1]], order,
-                              self._mod_stack, sid):
-                if self.config.sync:
-                    for site, site_sid in order[first:]:
-                        self._check_now(site, site_sid)
-                return
-        params = self._params
-        tensors = [params[i].grad for i in pindexes] if phase == "grad" else \
-            [params[i] for i in pindexes]
-        self._record_param_tensors(phase, zip(pindexes, tensors), sid)
-        self._plan_param_records(phase, pindexes, tensors)
-
-    def _plan_param_records(self, phase: str, pindexes: List[int], tensors: list) -> None:
-        """A ``ParamPlan`` for ``phase`` when every tensor just recorded is a plain tensor
-        whose site is cached (none without the C++ fast path: ``HEALTHMON_FASTPATH=0``)."""
-        cache = self._param_cache.get(phase, {})
-        entries = [cache.get(i) for i in pindexes]
-        if self._fast is None or not all(
-                e is not None and t is not None and type(t) in _PLAIN and e[1] is t.dtype
-                and e[2] == t.device for e, t in zip(entries, tensors)):
-            self._param_plans.pop(phase, None)
-            return
-        buffers: Dict[object, int] = {}
-        groups: Dict[int, Tuple[list, list]] = {}
-        for pos, e in enumerate(entries):
-            b = buffers.setdefault(e[0].buffer, len(buffers))
-            positions, slots = groups.setdefault(b, ([], []))
-            positions.append(pos)
-            slots.append(e[0].slot)
-        plan = fastpath.create_param_plan(
-            self._params, phase == "grad", pindexes, tensors,
-            [(b, positions, slots) for b, (positions, slots) in groups.items()],
-            [e[0] for e in entries], [e[3] for e in entries])
-        self._param_plans[phase] = (plan, list(buffers))
-
-    def _record_param_tensors(self, phase: str, items, sid: Optional[int]) -> None:
-        """Record ``(parameter index, tensor)`` pairs (gradients or weights) as ``phase``
-        sites with one multi-tensor op per buffer; ``sid`` None: the stack of each
-        parameter's module forward call. DTensors (FSDP2) are recorded by their local shard.
-        Sites are looked up once per (parameter, phase) and cached with the tensor's dtype
-        and device: a step costs a list comprehension and one native call per buffer."""
-        cache = self._param_cache.setdefault(phase, {})
-        groups: Dict[object, Tuple[list, list]] = {}
-        added = []
-        mod_stack = self._mod_stack
-        for pindex, t in items:
-            if t is None:
-                continue
-            entry = cache.get(pindex)
-            if entry is not None and entry[1] is t.dtype and entry[2] == t.device \
-                    and type(t) in _PLAIN:
-                site = entry[0]  # the hot path: a plain tensor seen before
-                xs, slots = groups.setdefault(site.buffer, ([], []))
-                xs.append(t)
-                slots.append(site.slot)
-                added.append((site, mod_stack[entry[3]] if sid is None else sid))
-                continue
-            module, pname = self._param_sites[pindex]
-            role = self._grad_roles[pindex] if phase == "grad" else pname
-            parts, reason = record_parts(t, role)  # DTensor shard; subclass inner tensors
-            if reason is not None:
-                self._skip(reason)
-                continue
-            for part_role, part in parts:
-                site = self._site(module, self._names[module], phase, part_role, 0,
-                                  part.device, part.dtype)
-                xs, slots = groups.setdefault(site.buffer, ([], []))
-                xs.append(part)
-                slots.append(site.slot)
-                added.append((site, mod_stack[module] if sid is None else sid))
-            if len(parts) == 1 and parts[0][1] is t:
-                cache[pindex] = (site, t.dtype, t.device, module)
-        self._cur.order.extend(added)
-        for buf, (xs, slots) in groups.items():
-            ops.multi_record_unchecked(xs, buf.records, slots)
+        into the open step (:class:`~healthmon.param_records.ParamRecords`)."""
+        added = self._param_records.record(phase, pindexes, sid, self._cur.order,
+                                           planned=self._fast is not None)
         if self.config.sync:
             for site, site_sid in added:
                 self._check_now(site, site_sid)
@@ -785,7 +707,7 @@ class Monitor(Decoder):
                                            role=role)
             if self.config.sync and cur.anomaly is None:
                 cur.anomaly = anomaly
-            self._report(anomaly, True)
+            self._reporter.report(anomaly, True)
             return ops.label_sanitize(target, num_classes, ignore_index)[1]
         record, clean = ops.label_sanitize(target, num_classes, ignore_index)
         ops.store_record(records, site.slot, record)
@@ -810,14 +732,15 @@ class Monitor(Decoder):
         """Phase ``param``: every watched parameter as the step ends (after the optimizer's
         update when the boundary is its step hook): one multi-tensor op per device.
         Diverging weights show here before they poison the next forward."""
-        self._record_param_batch("param", list(range(len(self._params))),
+        self._record_param_batch("param", list(range(len(self._param_records))),
                                  self._stacks.capture(2))
 
     def _optimizer_owns(self, optimizer) -> bool:
         groups = optimizer.param_groups
         cached = self._opt_cache.get(optimizer)
         if cached is None or cached[0] != len(groups):
-            ours = any(id(p) in self._param_ids for g in groups for p in g["params"])
+            ids = self._param_records.ids
+            ours = any(id(p) in ids for g in groups for p in g["params"])
             cached = self._opt_cache[optimizer] = (len(groups), ours)
         return cached[1]
 
@@ -897,47 +820,26 @@ class Monitor(Decoder):
         for site, _ in order:
             if site.slot in flagged[site.buffer]:
                 row = hosts[site.buffer][site.slot].tolist()
-                if (row[1] if site.phase == "label" else self._bad(site, row)):
+                if (row[1] if site.phase == "label" else decode.is_bad(site, row)):
                     bad = 1
                     break
         flag = torch.tensor([bad], dtype=torch.int64, device=self._dist.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
                                      group=self._dist.group)
         if not flag.item():
-            self._skips = 0
+            self._skipper.healthy()
             return
-        self._skips = getattr(self, "_skips", 0) + 1
-        if self._skips > self.config.max_skips:
-            from .errors import HealthError
-            last = self.anomalies[-1] if self.anomalies else Anomaly(
-                site="<step>", phase="grad", role="", step=cur.index, kind="nan", stats=None)
-            raise HealthError(last, f"healthmon: {self._skips} consecutive steps skipped on every "
-                f"rank (max_skips={self.config.max_skips}, HEALTHMON_MAX_SKIPS); the "
-                "anomaly reports of the skipped steps are in mon.anomalies and the logs")
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        self.skipped_steps.append(cur.index)
+        last = self.anomalies[-1] if self.anomalies else Anomaly(
+            site="<step>", phase="grad", role="", step=cur.index, kind="nan", stats=None)
+        self._skipper.skip(optimizer, cur.index, last, everywhere=True)
 
     def _skip_update(self, optimizer, cur: Step) -> None:
-        """``on_anomaly="skip"``: when the step holds an anomaly, drop every gradient of
-        ``optimizer``'s parameters (``grad = None``) so that ``step()`` leaves the weights
-        and the optimizer's state (moments, step counts) untouched: every ``torch.optim``
-        optimizer, foreach and fused included, skips parameters without a gradient. After
-        ``max_skips`` consecutive skipped steps it raises instead."""
+        """``on_anomaly="skip"``: a step holding an anomaly gets no update (see
+        :class:`~healthmon.actions.UpdateSkipper`)."""
         if cur.anomaly is None:
-            self._skips = 0
-            return
-        self._skips = getattr(self, "_skips", 0) + 1
-        if self._skips > self.config.max_skips:
-            from .errors import HealthError
-            raise HealthError(cur.anomaly, f"healthmon: {self._skips} consecutive steps "
-                              f"skipped (max_skips={self.config.max_skips}, "
-                              f"HEALTHMON_MAX_SKIPS); the last one:\n" + cur.anomaly.report())
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        self.skipped_steps.append(cur.index)
+            self._skipper.healthy()
+        else:
+            self._skipper.skip(optimizer, cur.index, cur.anomaly)
 
     def _optimizer_hook(self, optimizer, args, kwargs) -> None:
         if self._removed or not self._optimizer_owns(optimizer):
@@ -1019,7 +921,7 @@ class Monitor(Decoder):
                 self._new_step(next_index)
             return
         self._flush_pending_grads()
-        if cur.active and cur.backward and self._params:  # training steps only
+        if cur.active and cur.backward and len(self._param_records):  # training steps only
             self._record_params()
         self._new_step(cur.index + 1 if next_index is None else next_index)
         if not cur.order and not compiled:
@@ -1039,76 +941,127 @@ class Monitor(Decoder):
         if step is not None:
             self._decode(step, apply_policy)
 
+    # ----------------------------------------------------------------- decode / actions
 
-class _OptimizerHooks:
-    """One global pre- and post-step hook pair for every live monitor: torch iterates its
-    global hook dicts in ``step()``, so a monitor created or removed in one thread while
-    another thread steps must not change them (installed by the first monitor, removed
-    with the last)."""
+    def _release_on_raise(self) -> None:
+        if self.remove_on_raise:  # a trainer callback: the error leaves the loop
+            self._release()
 
-    def __init__(self):
-        self.monitors: List[Monitor] = []
-        self.handles: list = []
-        self.lock = threading.Lock()
+    def _judge_context(self) -> decode.Context:
+        return decode.Context(self._rec, self._modules, self.config.sync,
+                              self._dist.rank if self._dist is not None else None)
 
-    def add(self, mon: Monitor) -> None:
-        with self.lock:
-            if not self.handles:
-                from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                                   register_optimizer_step_pre_hook)
-                self.handles = [register_optimizer_step_pre_hook(self.pre),
-                                register_optimizer_step_post_hook(self.post)]
-            self.monitors = self.monitors + [mon]  # copy on write: hooks iterate it
+    def _decode_partial(self, step: Step) -> None:
+        """CPU, before the optimizer's update: judge the records of the open step so far
+        and apply the policy now (a bad gradient raises before it reaches the weights).
+        The step's final decode reports only what came after."""
+        if self.config.sync or self._dist is not None or (
+                step.decoded >= len(step.order) and not self._rec.has_compiled):
+            return
+        hosts = self._rec.cpu_rows()  # CPU: judged in place; the step's final decode copies
+        if hosts is None:
+            self._rec.copy_to_host()
+            self._rec.wait()
+            hosts = self._rec.host_tensors()
+        judged = decode.judge(step, hosts, self._judge_context(), partial=True)
+        if judged is not None and judged.first is not None:
+            step.anomaly = judged.first  # later records of the step are its consequences
+            step.partial_reported = True
+            self._reporter.report(judged.first, True)
 
-    def discard(self, mon: Monitor) -> None:
-        with self.lock:
-            if mon not in self.monitors:
-                return
-            self.monitors = [m for m in self.monitors if m is not mon]
-            if not self.monitors:
-                for h in self.handles:
-                    h.remove()
-                self.handles = []
+    def _decode(self, step: Step, apply_policy: bool) -> None:
+        """The step boundary's host side: judge the step's rows (:func:`decode.judge`),
+        keep them as the step's view (``records()``, the sinks, the next anomaly's "last
+        healthy record"), run the early-warning rules, then agree (distributed) and apply
+        the policy to the first anomaly."""
+        self._rec.wait()
+        hosts = self._rec.host_tensors()
+        judged = decode.judge(step, hosts, self._judge_context())
+        if judged is None:
+            return  # nothing ran in this step
+        first, view = judged
+        # an accelerator's pinned host buffer is reused at the next boundary: keep a copy
+        kept = {b: h if b.device.type == "cpu" else h.clone() for b, h in hosts.items()}
+        self._rec.keep_healthy(kept)
+        if view is None:  # healthy, with compiled records: ordered only if read
+            eager, rec = step.order, self._rec
+            view = lambda: decode.merged_view(eager, rec.compiled_written(kept))  # noqa: E731
+        self._last_rows = decode.LazyRows(view, kept)
+        self._last_step = step.index
+        if self.sinks:
+            call_sinks(self.sinks, "write_step", step.index, decode.row_dicts(self._last_rows))
+        rank = self._dist.rank if self._dist is not None else None
+        if self._rules is not None and self._rules_cadence.due():
+            # early warnings (none in a step with an anomaly), within their time budget
+            t0 = time.perf_counter()
+            # (the step's whole order for the sites' stacks: the judged order leaves out
+            # what the healthy path never reads)
+            alerts.issue(self._rules.evaluate_view(step.index, self._last_rows.sites(), kept),
+                         step.order, step.index, self._stacks.frames, self.warnings,
+                         self.sinks, rank, self._modules)
+            self._rules_cadence.spent(time.perf_counter() - t0)
+        if self._dist is not None and apply_policy:  # every rank takes the same branch
+            self._dist.settle(step.index, first, reported=self.config.sync)
+        elif first is not None and not self.config.sync and not step.partial_reported:
+            self._reporter.report(first, apply_policy)
 
-    def pre(self, optimizer, args, kwargs):
-        changed = False
-        for mon in self.monitors:
-            result = mon._optimizer_pre_hook(optimizer, args, kwargs)
-            if result is not None:  # a wrapped closure
-                args, kwargs = result
-                changed = True
-        return (args, kwargs) if changed else None
+    def _check_now(self, site: Site, sid: int) -> None:
+        """Sync mode: judge the record just written and report it if bad (raises here)."""
+        row = site.buffer.records[site.slot].tolist()
+        cur = self._cur
+        if not decode.is_bad(site, row):
+            site.last_healthy = row
+            if site.phase == "backward":
+                cur.prev_bwd = (site, sid)
+            return
+        anomaly = decode.make_anomaly(site, row, sid, cur.index,
+                                      cur.prev_bwd if cur.anomaly is None else None,
+                                      self._judge_context())
+        if cur.anomaly is not None:
+            cur.anomaly.consequences.append(anomaly)
+            return
+        cur.anomaly = anomaly
+        if self._drill is not None:  # the exact op and line (a replay, first anomaly only)
+            self._drill.explain(site, anomaly)
+        self._reporter.report(anomaly, self._dist is None)  # distributed: at the boundary
 
-    def post(self, optimizer, args, kwargs) -> None:
-        for mon in self.monitors:
-            mon._optimizer_hook(optimizer, args, kwargs)
+    # ----------------------------------------------------------------- inspection
 
+    @property
+    def dropped_anomalies(self) -> int:
+        """Anomalies not kept in ``anomalies`` (its length is bounded)."""
+        return self._reporter.dropped
 
-_optimizer_hooks = _OptimizerHooks()
+    def records(self) -> List[dict]:
+        """Rows of the last decoded step, in execution order (see :mod:`healthmon.sinks`)."""
+        return decode.row_dicts(self._last_rows)
 
+    def summary(self, width: Optional[int] = None, limit: Optional[int] = None) -> str:
+        """Per-site table of the last decoded step (worst first), plus skipped tensors."""
+        if not self.config.enabled:
+            return "healthmon is off (HEALTHMON=off): nothing recorded"
+        head = f"healthmon: step {self._last_step}" if self._last_step is not None \
+            else "healthmon: no step decoded yet (call mon.check())"
+        text = head + "\n" + format_summary(self.records(), width=width, limit=limit)
+        if self.warnings:
+            text += "\n" + alerts.format_warnings(self.warnings)
+        if self.skipped:
+            text += "\nskipped (not recorded): " + "; ".join(
+                f"{n} x {reason}" for reason, n in sorted(self.skipped.items()))
+        return text
 
-class _GradHook:
-    """Pre-hook of a module output's autograd node: records the output's gradient (eager).
-    ``site``: the gradient site, handed over when known (the monitor keeps it per module
-    for the common single-tensor output), else looked up on the first call. ``part``: the
-    output's index in a flat tuple output (-1: not one), for the C++ fast path."""
+    @property
+    def last_step(self) -> Optional[int]:
+        """Step number of the rows ``records()`` returns (None before the first decode)."""
+        return self._last_step
 
-    __slots__ = ("monitor", "index", "role", "call", "sid", "output_nr", "site", "part")
+    @property
+    def num_sites(self) -> int:
+        return len(self._sites)
 
-    def __init__(self, monitor: Monitor, index: int, role: str, call: int, sid: int,
-                 output_nr: int = 0, site: Optional[Site] = None, part: int = -1):
-        self.monitor, self.index, self.role, self.call, self.sid = monitor, index, role, call, sid
-        self.output_nr, self.site, self.part = output_nr, site, part
-
-    def __call__(self, grad_outputs):
-        grad = grad_outputs[self.output_nr]
-        if grad is not None:
-            self.monitor._on_grad(self, grad)
-        return None
-
-
-skip_when_eager(_GradHook.__call__)
-_PLAIN = (torch.Tensor, nn.Parameter)
+    def buffer_bytes(self) -> int:
+        """Bytes of the device record buffers (bounded by the number of sites)."""
+        return self._rec.nbytes()
 
 
 def watch(model: nn.Module, *more_modules: nn.Module, every: Optional[int] = None,

@@ -148,8 +148,8 @@ def make_site(mon, module: int, phase: str, role: str, call: int, device: torch.
         mon._fast.set_enabled(False)
     if phase == "grad":  # module is a parameter index
         pindex = module
-        module, _ = mon._param_sites[pindex]
-        role = mon._grad_roles[pindex]
+        module, _ = mon._param_records.sites[pindex]
+        role = mon._param_records.grad_roles[pindex]
         # the stack of the module's forward call: kept by the eager hooks or by the traced
         # forward record
         sid = mon._mod_stack[module]

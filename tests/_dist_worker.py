@@ -266,7 +266,7 @@ def lazy_init(rank, world, out, init):
         mon.remove()
     state = rank_state(mon)
     res.update(before=before, after=state is not None and state.world_size == world,
-               roles=sorted(set(mon._grad_roles)))
+               roles=sorted(set(mon._param_records.grad_roles)))
     return res
 
 

@@ -181,3 +181,48 @@ def test_no_reference_kept_to_activations():
     finally:
         gc.enable()
         probe.remove()
+
+
+def _train_and_drop(sync: bool, fast: bool, monkeypatch):
+    """Watch a model, train 3 steps (losses with class targets, so every process-wide
+    wrapper is in use), drop model and monitor without ``remove()``."""
+    monkeypatch.setenv("HEALTHMON_FASTPATH", "1" if fast else "0")
+    model = Tiny()
+    mon = healthmon.watch(model, sync=sync)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, 3, (4,)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return weakref.ref(model), weakref.ref(mon), weakref.ref(mon._rec)
+
+
+@pytest.mark.parametrize("sync,fast", [(False, True), (True, True), (False, False)])
+def test_model_dropped_without_remove_is_collected_with_its_monitor(monkeypatch, sync, fast):
+    """A notebook cell run again, or a sweep in one process, drops watched models without
+    ``remove()``: the model, its monitor and its record buffers are collected, the
+    process-wide wrappers (loss guard, loss recorder, drill-down) go away with the last one,
+    and the optimizer hooks call no dead monitor."""
+    from healthmon import drilldown, hooks, labels, loss_site
+    gc.collect()
+    assert not labels.loss_guard_installed()  # no monitor left by an earlier test
+    refs = _train_and_drop(sync, fast, monkeypatch)
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True, True]
+    assert not labels.loss_guard_installed() and not loss_site.installed()
+    assert not drilldown.installed()
+    assert not hooks.OPTIMIZER_HOOKS.monitors
+    # a model still in use keeps its monitor (``watch(model)`` without keeping the result)
+    model = Tiny()
+    mon = weakref.ref(healthmon.watch(model))
+    gc.collect()
+    assert mon() is not None and labels.loss_guard_installed()
+    x = torch.randn(4, 8)
+    x[0, 0] = float("nan")
+    try:
+        with pytest.raises(healthmon.HealthError):
+            model(x).sum().backward()
+            model(torch.randn(4, 8))  # the step boundary decodes the bad step
+    finally:
+        mon().remove()

@@ -36,13 +36,14 @@ def train(monkeypatch, fast: bool, sync: bool):
     sink = ParamRows()
     mon = healthmon.watch(model, sinks=[sink], sync=sync, on_anomaly="log")
     python_path = []
-    slow = mon._record_param_tensors
+    records = mon._param_records
+    slow = records._record_tensors
 
     def counted(phase, items, sid):
         python_path[-1].append(phase)
         return slow(phase, items, sid)
 
-    mon._record_param_tensors = counted
+    records._record_tensors = counted
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(3, 4)
     for step in range(8):
