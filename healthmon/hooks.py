@@ -163,20 +163,27 @@ class OwnedHook:
 
 class ForwardHook(OwnedHook):
     """Forward hook of watched module ``index``: records its outputs (the common case in
-    C++, ``monitor._fast``; see :mod:`healthmon.fastpath`)."""
+    C++, ``monitor._fast``; see :mod:`healthmon.fastpath`). ``traced``: the record function
+    while Dynamo traces the hook (:func:`healthmon.traced.record_forward`)."""
 
-    __slots__ = ("fast",)
+    __slots__ = ("fast", "traced", "ids")
 
-    def __init__(self, monitor, target, index: int):
+    def __init__(self, monitor, target, index: int, traced):
         super().__init__(monitor, target, index)
         self.fast = monitor._fast.forward if monitor._fast is not None else None
+        # what the traced path reads: a function and ints, which Dynamo guards in C++; the
+        # weak reference call and the monitor object (reached from every module's hook) were
+        # two Python guards per module, evaluated on every compiled call
+        self.traced, self.ids = traced, (id(target), id(monitor))
 
     def __call__(self, module, args, output):
+        if torch.compiler.is_compiling():  # a constant while traced
+            if id(module) == self.ids[0]:  # else a shallow copy of the module: not ours
+                self.traced(self.ids[1], self.index, output)
+            return None
         if module is not self.target():
             return Inert.__call__(self, module)  # a shallow copy of the module: not ours
-        # (traced by Dynamo: is_compiling() is a constant there, the C++ call is not traced)
-        if self.fast is not None and not torch.compiler.is_compiling() and \
-                self.fast(self.index, output):
+        if self.fast is not None and self.fast(self.index, output):
             return None
         self.monitor._on_forward(self.index, output)
         return None

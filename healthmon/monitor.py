@@ -279,7 +279,8 @@ class Monitor:
             if i and _passes_through(mod):
                 pass  # its output is its last module's, recorded by that module's hook
             elif self._drill is None:
-                self._handles.append(mod.register_forward_hook(ForwardHook(self, mod, i)))
+                self._handles.append(mod.register_forward_hook(
+                    ForwardHook(self, mod, i, traced.record_forward)))
             else:  # sync mode: the call's arguments are at hand for a replay
                 self._handles.append(mod.register_forward_hook(
                     ReplayableForwardHook(self, mod, i), with_kwargs=True))
@@ -463,7 +464,7 @@ class Monitor:
         if self._removed:
             return
         if _is_compiling():
-            traced.record_forward(self, index, output)
+            traced.record_forward(id(self), index, output)
             return
         if not self._cur.active:
             return

@@ -70,13 +70,15 @@ def _recordable(t: torch.Tensor) -> bool:
     return t.dtype in ops.STATS_DTYPES and t.layout == torch.strided
 
 
-def record_forward(mon, index: int, output) -> None:
-    """Forward hook of watched module ``index`` while traced: its output tensors, and a
-    traced gradient hook on each that requires grad."""
+def record_forward(monitor_id: int, index: int, output) -> None:
+    """Forward hook of watched module ``index`` of monitor ``id(monitor)`` while traced: its
+    output tensors, and a traced gradient hook on each that requires grad. Takes the
+    monitor's id, not the monitor: the hook of every module would otherwise reach the same
+    object through a source of its own, and Dynamo guards each with a Python check."""
     if torch.compiler.is_exporting():
         return  # an exported program is for deployment: it carries no monitor
-    call = _trace_call(mon, index)
-    token = _trace_number(mon)  # a constant of the graph
+    call = _trace_call_const(monitor_id, index)
+    token = _trace_number_const(monitor_id)  # a constant of the graph
     for role, t in flat_tensors(output, "output", []):
         if not _recordable(t):
             continue
@@ -87,8 +89,8 @@ def record_forward(mon, index: int, output) -> None:
             continue
         setattr(t, MARK, token)
         grad = t.requires_grad and torch.is_grad_enabled()
-        slot, bslot, key, bkey = _traced_site(mon, index, "forward", role, call,
-                                              str(t.device), t.dtype, grad)
+        slot, bslot, key, bkey = _traced_site_const(monitor_id, index, "forward", role, call,
+                                                    str(t.device), t.dtype, grad, None, False)
         torch.ops.healthmon.record_to(t.detach(), key, slot)
         if bslot >= 0:
             t.register_hook(_grad_hook(bkey, bslot))
@@ -173,18 +175,10 @@ def make_site(mon, module: int, phase: str, role: str, call: int, device: torch.
 
 # ----------------------------------------------------------------- trace-time constants
 
-def _trace_call(mon, index: int) -> int:
-    return _trace_call_const(id(mon), index)
-
-
 @torch._dynamo.assume_constant_result
 def _trace_call_const(monitor_id: int, index: int) -> int:
     mon = _LIVE.get(monitor_id)
     return mon._trace.call_index(index) if mon is not None else 0
-
-
-def _trace_number(mon) -> int:
-    return _trace_number_const(id(mon))
 
 
 @torch._dynamo.assume_constant_result
