@@ -38,7 +38,7 @@ RESULTS ?= bench/results
 
 bench-kernels: build
 	mkdir -p $(RESULTS)
-	$(PY) bench/kernels.py --json $(RESULTS)/kernels_cpu.json
+	$(PY) bench/kernel_bench.py --json $(RESULTS)/kernels_cpu.json
 
 bench: build
 	mkdir -p $(RESULTS)

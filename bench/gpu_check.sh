@@ -2,7 +2,7 @@
 # GPU validation of healthmon on a machine with a CUDA GPU, CUDA torch and nvcc:
 #   1. builds the extension with its CUDA kernels (in place),
 #   2. runs the CUDA tests (tests/test_cuda_*.py),
-#   3. runs the kernel benchmark (bench/kernels.py --device cuda),
+#   3. runs the kernel benchmark (bench/kernel_bench.py --device cuda),
 #   4. runs the GPU overhead table (bench/overhead.py --device cuda: GPT-2-small-sized and
 #      ResNet-50-sized models in bf16 autocast; includes the set_sync_debug_mode check and
 #      the NaN / Inf detection matrix),
@@ -14,7 +14,7 @@
 #   RESULTS        where the JSON / logs go (default: $OUT if set, else bench/results)
 #   INSTALL=pip    build with `pip install --no-build-isolation --no-deps -e .` instead of
 #                  `python setup.py build_ext --inplace`
-#   KERNEL_ARGS    extra arguments of kernels.py   (e.g. "--max-size 64Mi --rounds 5")
+#   KERNEL_ARGS    extra arguments of kernel_bench.py   (e.g. "--max-size 64Mi --rounds 5")
 #   OVERHEAD_ARGS  extra arguments of overhead.py  (e.g. "--models gpt2 --rounds 5")
 #   SKIP_BUILD=1   use the extension already built
 set -u
@@ -69,7 +69,7 @@ else
 fi
 
 say "kernel benchmark"
-$PYTHON bench/kernels.py --device cuda --json "$RESULTS/kernels_cuda.json" ${KERNEL_ARGS:-} \
+$PYTHON bench/kernel_bench.py --device cuda --json "$RESULTS/kernels_cuda.json" ${KERNEL_ARGS:-} \
   2>&1 | tee "$RESULTS/kernels_cuda.txt"
 rc=${PIPESTATUS[0]}
 STATUS[kernels]=$([ "$rc" = 0 ] && echo ok || echo "FAILED (rc $rc)")

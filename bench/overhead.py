@@ -46,7 +46,7 @@ import healthmon  # noqa: E402
 from healthmon import labels as hm_labels  # noqa: E402
 from healthmon.errors import HealthError  # noqa: E402
 import models as M  # noqa: E402
-from kernels import naive_stats  # noqa: E402
+from kernel_bench import naive_stats  # noqa: E402
 
 VARIANTS = ("none", "async", "sync", "anomaly", "naive", "off")
 LETTER = dict(zip(VARIANTS, "abcdef"))

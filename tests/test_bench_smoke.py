@@ -1,6 +1,6 @@
 """Smoke tests of the benchmark scripts: tiny sizes, few iterations, valid JSON.
 
-They prove that ``bench/kernels.py``, ``bench/overhead.py``, ``bench/small.py`` and
+They prove that ``bench/kernel_bench.py``, ``bench/overhead.py``, ``bench/small.py`` and
 ``bench/compiled.py`` run end to end (on the native
 extension when it is built, on the reference fallback otherwise) and that the JSON they
 write has the fields the README tables are made from. Nothing here asserts a timing.
@@ -33,7 +33,7 @@ def finite(x):
 
 def test_kernels_smoke(tmp_path):
     out = tmp_path / "kernels.json"
-    p = run("kernels.py", "--device", "cpu", "--sizes", "1Ki,4Ki", "--dtypes", "fp32,bf16",
+    p = run("kernel_bench.py", "--device", "cpu", "--sizes", "1Ki,4Ki", "--dtypes", "fp32,bf16",
             "--rounds", "2", "--warmup", "1", "--target-s", "0.002", "--multi-count", "12",
             "--multi-d", "16", "--allow-reference", "--json", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
@@ -113,8 +113,9 @@ def test_overhead_smoke(tmp_path):
 @pytest.fixture
 def bench_on_path():
     """The bench scripts importable in-process for one test; afterwards their modules leave
-    ``sys.modules`` too: ``bench/kernels.py`` would otherwise stand in for Hugging Face's
-    ``kernels`` package, which transformers imports when that package is installed."""
+    ``sys.modules`` too: a bench module named like an installed package (``models``,
+    ``overhead``) would otherwise stand in for it in later tests (``bench/kernels.py`` did
+    for Hugging Face's ``kernels`` package, which transformers imports)."""
     before = set(sys.modules)
     sys.path.insert(0, BENCH)
     try:
@@ -170,7 +171,7 @@ def test_overhead_variants_in_process(bench_on_path):
 
 def test_refuses_reference_numbers():
     """Without the native ops and without --allow-reference, no numbers are published."""
-    p = run("kernels.py", "--device", "cpu", "--sizes", "1Ki", "--no-multi",
+    p = run("kernel_bench.py", "--device", "cpu", "--sizes", "1Ki", "--no-multi",
             env={"HEALTHMON_NO_EXT": "1"}, timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "REFERENCE" in p.stdout and "--allow-reference" in p.stderr

@@ -18,9 +18,9 @@ targets of issue 2 with PASS / MISS, and writes everything to JSON (``--json PAT
 Absolute times are shown only on a GPU (DESIGN.md: figures are ratios; absolute times only
 from a GPU); the JSON always has them.
 
-    python bench/kernels.py                        # CPU: 1Ki..64Mi, fp32 + bf16
-    python bench/kernels.py --device cuda          # GPU: 1Ki..256Mi
-    python bench/kernels.py --max-size 1Mi --rounds 3 --json /tmp/k.json
+    python bench/kernel_bench.py                        # CPU: 1Ki..64Mi, fp32 + bf16
+    python bench/kernel_bench.py --device cuda          # GPU: 1Ki..256Mi
+    python bench/kernel_bench.py --max-size 1Mi --rounds 3 --json /tmp/k.json
 """
 from __future__ import annotations
 
