@@ -166,6 +166,7 @@ class Monitor:
         self._bwd_cache: List[List[Optional[Site]]] = []
         self._seen: Dict[int, tuple] = {}  # id(tensor) -> (weakref, recorded fwd, hooked bwd)
         self._input_sid = -1  # the stack of the last root forward (its capture's hint)
+        self._input_cache: List[Optional[Site]] = []  # call -> site of a lone input tensor
         self._grad_queue: Dict[int, None] = {}
         self._callback_queued = False
         self._pending: Optional[Step] = None
@@ -454,11 +455,26 @@ class Monitor:
                 self._drill.root_call(module, args, kwargs, sid)
             # the n-th forward of the step is call n of its inputs, as of every module
             call = cur.forwards - 1
+            if not kwargs and len(args) == 1 and type(args[0]) in PLAIN:
+                self._input_tensor(args[0], call, sid)  # the common case: one tensor
+                return
             for role, t in walk(args, "input"):
                 self._record(t, -1, "<input>", "input", role, call, sid)
             if kwargs:
                 for role, t in walk(kwargs, "input"):
                     self._record(t, -1, "<input>", "input", role, call, sid)
+
+    def _input_tensor(self, t: torch.Tensor, call: int, sid: int) -> None:
+        """The root's call ``call`` in the step took one plain tensor (role ``input[0]``, as
+        :func:`~healthmon.hooks.walk` names it): its site is cached per call."""
+        site = _cached(self._input_cache, call)
+        if site is None or site.device != t.device or site.dtype != t.dtype or \
+                t.layout is not torch.strided or t.is_nested:
+            site = self._record(t, -1, "<input>", "input", "input[0]", call, sid)
+            if site is not None:
+                _cache(self._input_cache, call, site)
+            return
+        self._record_ok(t, -1, "", "", "", 0, sid, site)
 
     def _on_forward(self, index: int, output) -> None:
         if self._removed:

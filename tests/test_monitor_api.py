@@ -442,3 +442,27 @@ def test_forwards_before_one_backward_are_one_step_and_sites_stay_bounded():
         # per forward of a segment: its input and three module outputs, up to 64 forwards
         assert mon.num_sites <= sites + 4 * 64 + 8
         assert mon.check() == []
+
+
+def test_lone_input_tensor_is_recorded_from_its_cached_site():
+    """The root's lone input tensor is recorded from a site cached per call: after a move
+    to float64 the record holds the float64 values, and a NaN in a later step (the cached
+    path) is reported at the input."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    with healthmon.watch(model, on_anomaly="log") as mon:
+        for _ in range(2):
+            model(torch.randn(2, 4)).sum().backward()
+            mon.step()
+        model.double()
+        x = torch.full((2, 4), 1 / 3, dtype=torch.float64)  # not a float32 value
+        for _ in range(2):
+            model(x).sum().backward()
+            mon.check()
+            rows = [r for r in mon.records() if r["site"] == "<input>"]
+            assert [(r["role"], r["call"]) for r in rows] == [("input[0]", 0)]
+            assert rows[0]["sum"] == x.sum().item()
+        x[1, 2] = float("nan")
+        model(x).sum().backward()
+        mon.check()
+        a = mon.anomalies[-1]
+        assert (a.site, a.role, a.stats.nan, a.call) == ("<input>", "input[0]", 1, 0)
