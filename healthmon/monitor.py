@@ -933,6 +933,13 @@ class Monitor:
         the host) recorded in it; otherwise a step with no eager activity is not a step."""
         cur = self._cur
         compiled = self._rec.has_compiled and force
+        if compiled and cur.active and not (cur.forward or cur.backward or cur.order):
+            # nothing eager in the step: did compiled code record? On the CPU the rows say
+            # so without a copy (``mon.step()`` right after the optimizer's step ends
+            # nothing, as in eager); an accelerator's rows are not read here (a sync), nor
+            # those of a step the cadence skips (compiled code records nothing then)
+            rows = self._rec.cpu_rows()
+            compiled = rows is None or self._rec.any_compiled_written(rows)
         if not (cur.forward or cur.backward or cur.order or compiled):
             if next_index is not None:
                 self._new_step(next_index)

@@ -615,6 +615,42 @@ def several_forwards_run(backend: Optional[str], steps: int, schedule: dict,
         mon.remove()
 
 
+def explicit_step_run(backend: Optional[str], steps: int = 5) -> List[tuple]:
+    """A loop that calls ``mon.step()`` after ``opt.step()`` (the optimizer's step is the
+    boundary already), a forward NaN at step 3: its findings."""
+    torch._dynamo.reset()
+    model = make("mlp")
+    mon = watch(model, on_anomaly="log")
+    fwd = model if backend is None else torch.compile(model, backend=backend)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        for step in range(steps):
+            model.inject.switch("forward" if step == 3 else None, float("nan"))
+            x, y = batch("mlp", step)
+            opt.zero_grad(set_to_none=True)
+            loss_of(fwd(x), y).backward()
+            opt.step()
+            mon.step()  # one boundary more, with nothing in it
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    v.copy_(init[k])
+        model.inject.switch(None)
+        mon.check()
+        return findings(mon), mon.step_index
+    finally:
+        mon.remove()
+
+
+def test_explicit_step_after_the_optimizer_step_counts_one_step():
+    """``mon.step()`` right after ``opt.step()`` ends nothing more under compile than in
+    eager (on the CPU, where the monitor sees that no compiled record was written since the
+    boundary): same step numbers, same finding."""
+    want = explicit_step_run(None)
+    assert [f[0] for f in want[0]] == [3] and want[1] == 5
+    assert explicit_step_run("aot_eager") == want
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_several_compiled_forwards_feed_one_backward(backend):
     """Several compiled forwards before one backward (the batch-1 policy): no autograd
@@ -931,3 +967,24 @@ def test_cuda_graphs_reduce_overhead_watched():
     assert [t.data_ptr() for t in record_buffers(mon)] == ptrs
     found = findings(mon)
     assert found and found[0][:5] == (4, "inject", "forward", "output", "nan"), found
+
+
+def test_compiled_eval_loop_with_explicit_steps_and_cadence():
+    """A compiled forward-only loop ended by ``mon.step()`` with ``every=2``: every call is
+    a step (the skipped ones too), and a NaN in an active step is reported at its step."""
+    torch._dynamo.reset()
+    model = make("mlp")
+    mon = watch(model, on_anomaly="log", every=2)
+    model.compile(backend="aot_eager")
+    try:
+        with torch.no_grad():
+            for step in range(6):
+                model.inject.switch("forward" if step == 4 else None, float("nan"))
+                model(batch("mlp", step)[0])
+                mon.step()
+        model.inject.switch(None)
+        mon.check()
+        assert mon.step_index == 6
+        assert [(a.step, a.site) for a in mon.anomalies] == [(4, "inject")]
+    finally:
+        mon.remove()
