@@ -504,7 +504,10 @@ class Monitor:
         # a flat tuple's items: the fast path takes them from the next step on (by index)
         items = {id(item): i for i, item in enumerate(output)} \
             if type(output) is tuple and self._fast is not None and not recompute else None
+        marked = self._rec.has_compiled  # items compiled code recorded carry its marker
         for role, t in walk(output, "output"):
+            if marked and type(t) is torch.Tensor and hasattr(t, traced.MARK):
+                continue  # recorded (and its gradient hooked) by the inner compiled module
             entry = seen.get(id(t))
             if entry is not None and entry[0]() is not t:
                 entry = None

@@ -988,3 +988,43 @@ def test_compiled_eval_loop_with_explicit_steps_and_cadence():
         assert [(a.step, a.site) for a in mon.anomalies] == [(4, "inject")]
     finally:
         mon.remove()
+
+
+class TwoHeads(nn.Module):
+    """A policy's shape: the root returns a tuple whose second item is a submodule's output
+    (recorded there, as the innermost module) and whose first is the root's own op."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.action = nn.Linear(8, 2)
+        self.value = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return torch.log_softmax(self.action(h), dim=-1), self.value(h)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_tuple_output_of_a_compiled_root_records_what_eager_records(backend):
+    """The eager hook of a compiled root skips the items compiled code recorded: the same
+    sites as eager (no second record of ``value``'s output as ``<model>`` output[1])."""
+    sites = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = TwoHeads()
+        mon = watch(model, warn=False)
+        fwd = torch.compile(model, backend=backend) if compiled else model
+        try:
+            for _ in range(2):
+                logp, value = fwd(torch.randn(3, 4))
+                (logp.sum() + value.sum()).backward()
+                mon.step()
+            mon.check()
+            sites[compiled] = sorted((r["site"], r["phase"], r["role"], r["call"])
+                                     for r in mon.records())
+        finally:
+            mon.remove()
+    assert sites[True] == sites[False]
+    assert ("<model>", "forward", "output[0]", 0) in sites[True]
