@@ -585,10 +585,12 @@ def test_detection_parity_eager_vs_compiled(backend, kind):
 
 
 def several_forwards_run(backend: Optional[str], steps: int, schedule: dict,
-                         forwards: int = 3) -> Tuple[List[tuple], int]:
+                         forwards: int = 3, explicit_step: bool = False
+                         ) -> Tuple[List[tuple], int, int]:
     """Like an RL policy called once per environment step: ``forwards`` compiled (or eager)
-    forwards of batch 1, summed into one loss, one backward per step. Returns (findings,
-    backward records of the last healthy step)."""
+    forwards of batch 1, summed into one loss, one backward per step; ``explicit_step``:
+    ``mon.step()`` after every ``opt.step()`` (a boundary with nothing in it). Returns
+    (findings, backward records of the last healthy step, the monitor's step number)."""
     torch._dynamo.reset()
     model = make("mlp")
     mon = watch(model, on_anomaly="log")
@@ -604,40 +606,15 @@ def several_forwards_run(backend: Optional[str], steps: int, schedule: dict,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if explicit_step:
+                mon.step()
             with torch.no_grad():
                 for k, v in model.state_dict().items():
                     v.copy_(init[k])
         model.inject.switch(None)
         mon.check()
         grads = [r for r in mon.records() if r["phase"] in ("backward", "grad")]
-        return findings(mon), len(grads)
-    finally:
-        mon.remove()
-
-
-def explicit_step_run(backend: Optional[str], steps: int = 5) -> List[tuple]:
-    """A loop that calls ``mon.step()`` after ``opt.step()`` (the optimizer's step is the
-    boundary already), a forward NaN at step 3: its findings."""
-    torch._dynamo.reset()
-    model = make("mlp")
-    mon = watch(model, on_anomaly="log")
-    fwd = model if backend is None else torch.compile(model, backend=backend)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    try:
-        for step in range(steps):
-            model.inject.switch("forward" if step == 3 else None, float("nan"))
-            x, y = batch("mlp", step)
-            opt.zero_grad(set_to_none=True)
-            loss_of(fwd(x), y).backward()
-            opt.step()
-            mon.step()  # one boundary more, with nothing in it
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    v.copy_(init[k])
-        model.inject.switch(None)
-        mon.check()
-        return findings(mon), mon.step_index
+        return findings(mon), len(grads), mon.step_index
     finally:
         mon.remove()
 
@@ -646,9 +623,11 @@ def test_explicit_step_after_the_optimizer_step_counts_one_step():
     """``mon.step()`` right after ``opt.step()`` ends nothing more under compile than in
     eager (on the CPU, where the monitor sees that no compiled record was written since the
     boundary): same step numbers, same finding."""
-    want = explicit_step_run(None)
-    assert [f[0] for f in want[0]] == [3] and want[1] == 5
-    assert explicit_step_run("aot_eager") == want
+    schedule = {3: ("forward", float("nan"))}
+    want = several_forwards_run(None, 5, schedule, forwards=1, explicit_step=True)
+    assert [f[0] for f in want[0]] == [3] and want[2] == 5
+    assert several_forwards_run("aot_eager", 5, schedule, forwards=1,
+                                explicit_step=True) == want
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -659,9 +638,9 @@ def test_several_compiled_forwards_feed_one_backward(backend):
     are found at the same step, site, phase and line as eager."""
     schedule = {1: ("forward", float("nan")), 3: ("backward", float("inf")),
                 5: ("param", float("nan"))}
-    want, eager_grads = several_forwards_run(None, 7, schedule)
+    want, eager_grads, _ = several_forwards_run(None, 7, schedule)
     assert [f[0] for f in want] == [1, 3, 5], want
-    got, compiled_grads = several_forwards_run(backend, 7, schedule)
+    got, compiled_grads, _ = several_forwards_run(backend, 7, schedule)
     assert got == want, f"compiled {got}\n eager {want}"
     assert compiled_grads > 0
 
