@@ -70,7 +70,8 @@ struct CallCache {
 
 struct State {
   bool alive = true;     // the monitor is not removed
-  bool enabled = false;  // this step takes the fast path (active, no compiled code)
+  bool enabled = false;  // this step takes the fast path (active; not sync with compiled code)
+  py::object marker;     // str, or None: the attribute compiled code marks its records with
   bool sync = false;     // sync mode: every record checked as it is written
   std::vector<std::vector<CallCache>> modules;  // [module index][call in the step]
   py::object order;      // list: the step's (site, stack id) records in execution order
@@ -232,6 +233,10 @@ class FastPath {
 
   void set_enabled(bool enabled) { state_->enabled = enabled && state_->alive; }
 
+  // Compiled code records too (healthmon.traced): an output carrying `name` was recorded,
+  // and its gradient hooked, by the compiled module that produced it.
+  void set_marker(py::object name) { state_->marker = std::move(name); }
+
   // The monitor is removed: gradients of graphs still alive record nothing.
   void disable() {
     state_->alive = false;
@@ -326,6 +331,8 @@ class FastPath {
       plan[i] = kSkip;
       if (item == Py_None) continue;
       if (!THPVariable_CheckExact(item)) return false;
+      if (st.marker && !st.marker.is_none() && PyObject_HasAttr(item, st.marker.ptr()))
+        continue;  // recorded by compiled code
       for (Py_ssize_t j = 0; j < i; ++j) {
         if (PyTuple_GET_ITEM(out, j) == item) return false;  // the same tensor twice
       }
@@ -403,6 +410,7 @@ void register_fast_path(py::module& m) {
            py::arg("check_now"))
       .def("begin_step", &FastPath::begin_step)
       .def("set_enabled", &FastPath::set_enabled)
+      .def("set_marker", &FastPath::set_marker)
       .def("disable", &FastPath::disable)
       .def("prime_forward", &FastPath::prime_forward)
       .def("prime_backward", &FastPath::prime_backward)

@@ -924,7 +924,8 @@ class Monitor:
         self._seen = {}
         if self._fast is not None:
             self._fast.begin_step(self._cur.order, self._calls, self._seen, self._cur,
-                                  self._cur.active and not self._rec.has_compiled)
+                                  self._cur.active and not (self._rec.has_compiled and
+                                                            self.config.sync))
         if self._param_hooks is not None:
             self._set_param_hook_mode()
             self._param_hooks.verify()  # a slot replaced by an assignment: wrapped again

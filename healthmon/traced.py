@@ -146,8 +146,10 @@ def make_site(mon, module: int, phase: str, role: str, call: int, device: torch.
         the record buffers as registered for ``healthmon::record_to``.
     """
     rec = mon._rec
-    if mon._fast is not None:  # the eager fast path knows nothing of traced records
-        mon._fast.set_enabled(False)
+    if mon._fast is not None:  # the eager fast path skips what compiled code recorded
+        mon._fast.set_marker(MARK)
+        if mon.config.sync:  # (sync mode checks compiled records at the Python hooks)
+            mon._fast.set_enabled(False)
     if phase == "grad":  # module is a parameter index
         pindex = module
         module, _ = mon._param_records.sites[pindex]

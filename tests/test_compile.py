@@ -65,6 +65,23 @@ def traced_buffer_keys(mon) -> List[int]:
     return list(mon._rec._traced_keys.values())
 
 
+def python_forward_hooks(mon, fn):
+    """Run ``fn()``; returns its result and the module indexes whose output the monitor's
+    Python forward path handled (the C++ fast path's misses). Seen by a profile function:
+    a wrapper would add a frame and change the stacks the fast path re-checks."""
+    code, seen = type(mon)._on_forward.__code__, []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is code:
+            seen.append(frame.f_locals.get("index"))
+
+    sys.setprofile(profile)
+    try:
+        return fn(), seen
+    finally:
+        sys.setprofile(None)
+
+
 # ----------------------------------------------------------------- models
 
 class CausalSelfAttention(nn.Module):
@@ -987,7 +1004,8 @@ class TwoHeads(nn.Module):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_tuple_output_of_a_compiled_root_records_what_eager_records(backend):
     """The eager hook of a compiled root skips the items compiled code recorded: the same
-    sites as eager (no second record of ``value``'s output as ``<model>`` output[1])."""
+    sites as eager (no second record of ``value``'s output as ``<model>`` output[1]), and
+    from the second step on in C++ (the fast path skips them by their marker)."""
     sites = {}
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -996,8 +1014,9 @@ def test_tuple_output_of_a_compiled_root_records_what_eager_records(backend):
         mon = watch(model, warn=False)
         fwd = torch.compile(model, backend=backend) if compiled else model
         try:
-            for _ in range(2):
-                logp, value = fwd(torch.randn(3, 4))
+            for _ in range(3):
+                (logp, value), python_calls = python_forward_hooks(
+                    mon, lambda: fwd(torch.randn(3, 4)))
                 (logp.sum() + value.sum()).backward()
                 mon.step()
             mon.check()
@@ -1007,3 +1026,5 @@ def test_tuple_output_of_a_compiled_root_records_what_eager_records(backend):
             mon.remove()
     assert sites[True] == sites[False]
     assert ("<model>", "forward", "output[0]", 0) in sites[True]
+    if healthmon.extension_available():  # the C++ fast path took the root's hook
+        assert python_calls == [], "the compiled root's eager hook ran in Python"
