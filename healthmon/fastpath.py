@@ -6,7 +6,10 @@ sites,
 from the same user frames as the cached stack, C++ records it, appends its order entry,
 registers a C++ node pre-hook for its gradient and marks it seen, with no Python bytecode.
 Anything else falls through to :meth:`Monitor._on_forward` (which primes the cache here for
-the next step). The fast path works on the monitor's own per-step objects (order list, call
+the next step). An output that compiled code recorded carries the marker
+:data:`healthmon.traced.MARK` and is skipped, as in Python (``FastPath.set_marker``, set when
+the first compiled record is traced; sync mode then keeps the Python hooks, which check the
+compiled rows). The fast path works on the monitor's own per-step objects (order list, call
 counts, seen dict, Step), handed over at every step boundary, so both paths interleave in
 one execution order and the records and findings are the same.
 
