@@ -49,7 +49,7 @@ import fnmatch
 import threading
 import time
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ from . import alerts, decode
 from . import distributed as _distributed
 from . import drilldown, fastpath, labels, loss_site, native_rules, ops, traced
 from . import rules as _rules
-from ._layout import LABEL, NUM_LABEL
+from ._layout import LABEL
 from .actions import Reporter, UpdateSkipper
 from .config import Config, resolve
 from .errors import Anomaly
