@@ -324,7 +324,7 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for p in self._param_records.params:  # torch leaves {} behind: restore the untouched state
+        for p in self._param_records.params:  # torch leaves {} behind: restore it
             if not getattr(p, "_post_accumulate_grad_hooks", None):
                 try:
                     p._post_accumulate_grad_hooks = None
@@ -677,10 +677,11 @@ class Monitor:
                             sid: Optional[int]) -> None:
         """Record parameters ``pindexes``' gradients (phase ``grad``) or values (``param``)
         into the open step (:class:`~healthmon.param_records.ParamRecords`)."""
-        added = self._param_records.record(phase, pindexes, sid, self._cur.order,
+        order = self._cur.order
+        first = self._param_records.record(phase, pindexes, sid, order,
                                            planned=self._fast is not None)
-        if self.config.sync:
-            for site, site_sid in added:
+        if self.config.sync:  # (async: no copy of the entries)
+            for site, site_sid in order[first:]:
                 self._check_now(site, site_sid)
 
     def _check_loss_target(self, loss: str, input: torch.Tensor, target: torch.Tensor,

@@ -51,8 +51,5 @@ class Owners:
     def __contains__(self, obj) -> bool:
         return any(r() is obj for r in self._refs)
 
-    def __len__(self) -> int:
-        return sum(1 for r in self._refs if r() is not None)
-
     def __bool__(self) -> bool:
         return any(r() is not None for r in self._refs)

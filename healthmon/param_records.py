@@ -55,28 +55,27 @@ class ParamRecords:
         return len(self.params) - 1
 
     def record(self, phase: str, pindexes: List[int], sid: Optional[int], order: list,
-               planned: bool) -> list:
+               planned: bool) -> int:
         """Record parameters ``pindexes``' gradients (``phase="grad"``) or values
         (``"param"``), appending ``(site, stack id)`` entries to ``order`` (the step's
         execution order); ``sid`` None: each parameter's module forward stack. ``planned``:
         the C++ path may be used (a ``ParamPlan``; False with ``HEALTHMON_FASTPATH=0``).
 
         Returns:
-            the order entries added (sync mode checks them).
+            where in ``order`` its entries start (sync mode checks them).
         """
+        first = len(order)
         plan = self._plans.get(phase)
         if plan is not None:
-            first = len(order)
             if plan[0].record(pindexes, [b.records for b in plan[1]], order,
                               self._mod_stack, sid):
-                return order[first:]
+                return first
         params = self.params
         tensors = [params[i].grad for i in pindexes] if phase == "grad" else \
             [params[i] for i in pindexes]
-        added = self._record_tensors(phase, zip(pindexes, tensors), sid)
-        order.extend(added)
+        order.extend(self._record_tensors(phase, zip(pindexes, tensors), sid))
         self._plan(phase, pindexes, tensors, planned)
-        return added
+        return first
 
     def _plan(self, phase: str, pindexes: List[int], tensors: list, planned: bool) -> None:
         """A ``ParamPlan`` for ``phase`` when every tensor just recorded is a plain tensor
