@@ -428,8 +428,8 @@ def _owner_of_open_step():
 def owner_among(monitors):
     """Of ``monitors``, the one whose root forward ran most recently in a step still open
     in this thread (a model trained in another thread is not this loss's); when none did
-    and one monitor's model runs compiled (its root hooks are traced, so no forward is
-    seen on the host), that one."""
+    and one monitor's root hooks are traced (``model.compile()``, a compiled train step:
+    its forward calls are not seen on the host), that one."""
     best = None
     thread = threading.get_ident()
     for mon in monitors:
@@ -437,7 +437,7 @@ def owner_among(monitors):
                 (best is None or mon._forward_tick > best._forward_tick):
             best = mon
     if best is None:
-        compiled = [m for m in monitors if m._rec.has_compiled and not m._removed]
+        compiled = [m for m in monitors if m._trace.root_traced and not m._removed]
         if len(compiled) == 1:
             best = compiled[0]
     return best

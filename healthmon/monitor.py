@@ -220,6 +220,7 @@ class Monitor:
             for r, root in enumerate(roots):
                 self._add_modules(root, self.prefix if r == 0 else type(root).__name__)
             OPTIMIZER_HOOKS.add(self)
+            traced.guard_hooks(self)
         except Exception:
             self._detach()
             raise
@@ -319,6 +320,7 @@ class Monitor:
         if self._drill is not None:
             drilldown.uninstall(self._drill)
         OPTIMIZER_HOOKS.discard(self)
+        traced.unguard_hooks(self)
         if self._param_hooks is not None:
             self._param_hooks.remove()  # each slot back to what it held (the user's hooks)
         for h in self._handles:

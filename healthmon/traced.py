@@ -22,6 +22,7 @@ import torch
 
 from . import ops
 from .hooks import flat_tensors
+from .owners import Owners
 from .stacks import traced_stack
 
 MARK = "_healthmon_recorded"  # attribute of a tensor recorded by compiled code
@@ -33,6 +34,39 @@ def register(monitor) -> None:
     _LIVE[id(monitor)] = monitor
 
 
+# Dynamo does not guard on module hooks by default (``skip_nnmodule_hook_guards``), and it
+# caches compiled code per code object, not per instance: an unwatched instance of a watched
+# model's class (a teacher, an EMA copy made before ``watch()``, a model built twice) compiles
+# code without the hooks, and the watched instance then runs that code and records nothing
+# of its submodules. While a monitor is attached Dynamo guards on hooks (an empty hook dict
+# becomes a length check), so each keeps code of its own; the setting the process had comes
+# back when the last monitor goes.
+_HOOK_GUARD_SAVED: list = []  # the setting before the first attached monitor, while any is
+
+
+def _restore_hook_guards() -> None:
+    if _HOOK_GUARD_SAVED:
+        torch._dynamo.config.skip_nnmodule_hook_guards = _HOOK_GUARD_SAVED.pop()
+
+
+_hook_guard_owners = Owners(on_collected=_restore_hook_guards)
+
+
+def guard_hooks(monitor) -> None:
+    """Attach time: Dynamo guards on module hooks while ``monitor`` is attached."""
+    if not _HOOK_GUARD_SAVED:
+        _HOOK_GUARD_SAVED.append(torch._dynamo.config.skip_nnmodule_hook_guards)
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    _hook_guard_owners.add(monitor)
+
+
+def unguard_hooks(monitor) -> None:
+    """Detach time: the process's own setting back once no monitor is attached."""
+    _hook_guard_owners.discard(monitor)
+    if not _hook_guard_owners:
+        _restore_hook_guards()
+
+
 class TraceState:
     """Trace-time state of one monitor: per traced graph, how many times each module was
     called so far (a module called twice in one graph gets two sites), and the graph's
@@ -42,6 +76,9 @@ class TraceState:
         self.token = None
         self.number = 0  # traces seen so far: the current trace's number
         self.calls: Dict[int, int] = {}
+        # the root's own hooks were traced (``model.compile()``, a compiled train step): its
+        # forward calls are not seen on the host
+        self.root_traced = False
 
     def _sync(self) -> None:
         try:
@@ -100,6 +137,7 @@ def record_inputs(mon, args, kwargs) -> None:
     """Root pre-hook while traced: the model's input tensors (site ``<input>``)."""
     if torch.compiler.is_exporting():
         return
+    _root_traced_const(id(mon))
     tensors = flat_tensors(args, "input", [])
     if kwargs:
         flat_tensors(kwargs, "input", tensors)
@@ -187,6 +225,14 @@ def _trace_call_const(monitor_id: int, index: int) -> int:
 def _trace_number_const(monitor_id: int) -> int:
     mon = _LIVE.get(monitor_id)
     return mon._trace.trace_number() if mon is not None else 0
+
+
+@torch._dynamo.assume_constant_result
+def _root_traced_const(monitor_id: int) -> int:
+    mon = _LIVE.get(monitor_id)
+    if mon is not None:
+        mon._trace.root_traced = True
+    return 0
 
 
 def _traced_site(mon, module: int, phase: str, role: str, call: int, device: str, dtype,
