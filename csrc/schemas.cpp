@@ -26,7 +26,9 @@ TORCH_LIBRARY(healthmon, m) {
   // (set_record_buffer). Compiled graphs call this one: the buffer is not an argument, so a
   // graph neither saves it for backward nor treats it as a mutated input (several compiled
   // forwards feeding one backward would otherwise trip autograd's version check).
-  m.def("record_to(Tensor x, int buffer, int slot) -> ()");
+  // Statistics do not depend on element order: Inductor may hand over x in whatever layout
+  // it produced (channels-last, a permuted view) instead of copying it to eager's strides.
+  m.def("record_to(Tensor x, int buffer, int slot) -> ()", {at::Tag::flexible_layout});
   // Range check of integer labels: int64 [kNumLabelFields].
   m.def("label_check(Tensor target, int num_classes, int ignore_index) -> Tensor");
   // Range check plus an int64 copy of target with bad labels replaced by ignore_index.
