@@ -73,6 +73,10 @@ class RulesEngine {
     return engine_.add_site(phase, allow_inf, fmax, tiny, param_key);
   }
 
+  void set_site_limits(int64_t id, double fmax, double tiny) {
+    engine_.set_site_limits(id, fmax, tiny);
+  }
+
   void set_order(std::vector<int64_t> ids, std::vector<int64_t> buffers,
                  std::vector<int64_t> slots) {
     if (ids.size() != buffers.size() || ids.size() != slots.size())
@@ -129,6 +133,8 @@ void register_rules(py::module& m) {
       .def(py::init<const py::dict&>(), py::arg("config"))
       .def("add_site", &RulesEngine::add_site, py::arg("phase"), py::arg("allow_inf"),
            py::arg("fmax"), py::arg("tiny"), py::arg("param_key"))
+      .def("set_site_limits", &RulesEngine::set_site_limits, py::arg("id"), py::arg("fmax"),
+           py::arg("tiny"))
       .def("set_order", &RulesEngine::set_order, py::arg("ids"), py::arg("buffers"),
            py::arg("slots"))
       .def("evaluate_order", &RulesEngine::evaluate_order, py::arg("hosts"))

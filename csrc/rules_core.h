@@ -117,6 +117,13 @@ class Engine {
     return static_cast<int64_t>(sites_.size()) - 1;
   }
 
+  // Site `id`'s dtype changed (model.half() mid-run): the limits of its new dtype.
+  void set_site_limits(int64_t id, double fmax, double tiny) {
+    if (id < 0 || static_cast<size_t>(id) >= sites_.size()) return;
+    sites_[id].fmax = fmax;
+    sites_[id].tiny = tiny;
+  }
+
   int64_t num_sites() const { return static_cast<int64_t>(sites_.size()); }
 
   // Rules.evaluate: rows[i] (kNumStatsFields doubles) is site ids[i]'s record, execution order.

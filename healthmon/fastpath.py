@@ -68,12 +68,13 @@ def prime_forward(mon, index: int, call: int, site, sid: int, part: int = 0,
     """Call ``call`` of module ``index`` recorded its output (``nparts`` 0: one tensor;
     else item ``part`` of a tuple of ``nparts``) at ``site`` with stack ``sid`` (slow path):
     the fast path takes that call from the same place in the next steps."""
-    if mon._fast_primed.get((index, call, part)) == (site, sid, nparts):
+    primed = (site, sid, nparts, site.dtype)  # (a site's dtype changes with model.half())
+    if mon._fast_primed.get((index, call, part)) == primed:
         return
     start, frames = mon._stacks.recheck_frames(sid)
     mon._fast.prime_forward(index, call, part, nparts, site, site.buffer, site.slot,
                             site.dtype, site.device, sid, start, frames)
-    mon._fast_primed[(index, call, part)] = (site, sid, nparts)
+    mon._fast_primed[(index, call, part)] = primed
 
 
 def prime_backward(mon, index: int, call: int, site, part: int = 0) -> None:

@@ -28,6 +28,12 @@ _OTHER = len(PHASES)
 KINDS = ("overflow", "dead", "spike", "growth", "vanishing", "frozen")
 
 
+def _limits(dtype) -> tuple:
+    """``(fmax, tiny)`` the engine judges a site of ``dtype`` with (fmax 0: not a
+    low-precision dtype, no headroom rule)."""
+    return R.DTYPE_MAX.get(dtype, 0.0), R._TINY.get(dtype, R._TINY[torch.float32])
+
+
 def create(config: R.WarnConfig):
     """The rules of one monitor: :class:`NativeRules`, or the Python :class:`Rules`."""
     return NativeRules(config) if fastpath.enabled() else R.Rules(config)
@@ -48,6 +54,7 @@ class NativeRules:
         self._param_keys: Dict[tuple, int] = {}   # (module, name, role) -> key
         self._order: List = []                    # the sites of the last set_order
         self._order_buffers: List = []
+        self._order_dtypes: List = []             # their dtypes then
 
     def _id(self, site) -> int:
         sid = self._ids.get(site)
@@ -59,9 +66,16 @@ class NativeRules:
                                                   len(self._param_keys))
             sid = self._ids[site] = self._engine.add_site(
                 PHASES.index(site.phase) if site.phase in PHASES else _OTHER,
-                bool(site.allow_inf), R.DTYPE_MAX.get(dtype, 0.0),
-                R._TINY.get(dtype, R._TINY[torch.float32]), key)
+                bool(site.allow_inf), *_limits(dtype), key)
         return sid
+
+    def _dtypes_changed(self, sites: Sequence) -> None:
+        """A site's dtype changed since the last order (``model.half()`` mid-run): the
+        engine takes the limits of its new dtype."""
+        for site, old in zip(sites, self._order_dtypes):
+            dtype = getattr(site, "dtype", None)
+            if dtype is not old:
+                self._engine.set_site_limits(self._id(site), *_limits(dtype))
 
     def evaluate_view(self, step: int, sites: Sequence, hosts: Dict) -> List[R.Finding]:
         """The findings of a decoded step.
@@ -75,11 +89,15 @@ class NativeRules:
             :class:`~healthmon.rules.Finding` tuples that start a new episode, in order.
         """
         buffers = list(hosts)
+        dtypes = [getattr(s, "dtype", None) for s in sites]
         if sites != self._order or buffers != self._order_buffers:  # identity, per item
             index = {b: i for i, b in enumerate(buffers)}
             self._engine.set_order([self._id(s) for s in sites],
                                    [index[s.buffer] for s in sites], [s.slot for s in sites])
             self._order, self._order_buffers = list(sites), buffers
+        elif dtypes != self._order_dtypes:
+            self._dtypes_changed(sites)
+        self._order_dtypes = dtypes
         # (a step boundary inside a torch.func transform: the host rows are its wrappers)
         found = self._engine.evaluate_order([ops.physical(hosts[b]) for b in buffers])
         if not found:

@@ -190,6 +190,10 @@ class Recorder:
             if phase == "label":
                 self.label_slots.setdefault(buf, set()).add(slot)
             self.has_compiled = self.has_compiled or compiled
+        elif dtype is not None and site.dtype != dtype:
+            # the module runs in another precision now (model.half(), an evaluation loop
+            # without autocast): the rules judge the latest, the caches key on it
+            site.dtype = dtype
         return site
 
     def tensor_key(self, buf: DeviceBuffer) -> int:
