@@ -428,8 +428,10 @@ def _owner_of_open_step():
 def owner_among(monitors):
     """Of ``monitors``, the one whose root forward ran most recently in a step still open
     in this thread (a model trained in another thread is not this loss's); when none did
-    and one monitor's root hooks are traced (``model.compile()``, a compiled train step:
-    its forward calls are not seen on the host), that one."""
+    and one monitor's root hooks are traced (its forward calls are not seen on the host:
+    a compiled train step, ``torch.compile`` of some roots), that one, if its compiled code
+    recorded in the open step (on the CPU, read in place: else an unwatched model's loss
+    would pass for its own; elsewhere assumed)."""
     best = None
     thread = threading.get_ident()
     for mon in monitors:
@@ -438,9 +440,14 @@ def owner_among(monitors):
             best = mon
     if best is None:
         compiled = [m for m in monitors if m._trace.root_traced and not m._removed]
-        if len(compiled) == 1:
+        if len(compiled) == 1 and _compiled_recorded(compiled[0]):
             best = compiled[0]
     return best
+
+
+def _compiled_recorded(mon) -> bool:
+    rows = mon._rec.cpu_rows()
+    return rows is None or mon._rec.any_compiled_written(rows)
 
 
 def _no_data(t: torch.Tensor) -> bool:

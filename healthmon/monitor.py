@@ -77,10 +77,13 @@ MAX_FORWARDS_PER_SEGMENT = 64  # training forwards of one step before a segment 
 _FORWARD_TICKS = [0]
 
 
-def _has_compiled_code(modules) -> bool:
+def _has_compiled_code(modules, root: nn.Module) -> bool:
     """Whether Dynamo holds compiled code for a forward of ``modules`` (``torch.compile(m)``
-    compiles ``forward``; ``m.compile()`` compiles ``Module._call_impl``)."""
+    compiles ``forward``, or for a ``torch.nn`` class such as ``nn.Sequential`` a wrapper
+    frame every such compiled module shares; ``m.compile()`` compiles
+    ``Module._call_impl``)."""
     try:
+        from torch._dynamo import external_utils
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError:
         return False
@@ -89,6 +92,8 @@ def _has_compiled_code(modules) -> bool:
     if any(getattr(m, "_compiled_call_impl", None) is not None for m in modules):
         codes.add(nn.Module._call_impl.__code__)
     try:
+        if type(root).__module__.startswith("torch.nn."):
+            codes.add(external_utils.wrap_inline(_has_compiled_code).__code__)
         return any(_debug_get_cache_entry_list(code) for code in codes)
     except Exception:  # private API: never break watch()
         return False
@@ -171,6 +176,7 @@ class Monitor:
         self._callback_queued = False
         self._pending: Optional[Step] = None
         self._last_rows = decode.LazyRows([], {})  # the last decoded step's rows
+        self._view_memo = decode.ViewMemo()  # a compiled step's merged order, reused
         self._last_step: Optional[int] = None
         self._checked = 0
         self._opt_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -236,7 +242,7 @@ class Monitor:
         (Dynamo does not guard on module hooks): when compiled code of a watched module
         exists, reset Dynamo's caches (the next call recompiles with the hooks) and say so,
         instead of silently recording nothing."""
-        if not _has_compiled_code(self._modules):
+        if not _has_compiled_code(self._modules, root):
             return
         import warnings
         warnings.warn(
@@ -1016,7 +1022,8 @@ class Monitor:
         self._rec.keep_healthy(kept)
         if view is None:  # healthy, with compiled records: ordered only if read
             eager, rec = step.order, self._rec
-            view = lambda: decode.merged_view(eager, rec.compiled_written(kept))  # noqa: E731
+            memo = self._view_memo
+            view = lambda: memo.merged(eager, rec.compiled_written(kept))  # noqa: E731
         self._last_rows = decode.LazyRows(view, kept)
         self._last_step = step.index
         if self.sinks:

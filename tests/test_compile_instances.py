@@ -16,18 +16,30 @@ import pytest
 import torch
 import torch._dynamo
 
+import torch.nn as nn
+
 import healthmon
 from test_compile import fresh_dynamo, make, train, watch  # noqa: F401  (fixture)
 
 BACKEND = "aot_eager"
 
 
+def build(kind: str, seed: int) -> nn.Module:
+    """``mlp``: a custom root (its hooks run eagerly around the compiled forward);
+    ``sequential``: an ``nn.Sequential`` root, whose own hooks ``torch.compile`` traces
+    (no forward of it is seen on the host)."""
+    if kind == "mlp":
+        return make("mlp", seed)
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
 def site_set(mon) -> set:
     return {(r["site"], r["phase"], r["role"]) for r in mon.records()}
 
 
-def eager_sites() -> set:
-    model = make("mlp", seed=5)
+def eager_sites(kind: str) -> set:
+    model = build(kind, seed=5)
     mon = healthmon.watch(model, sync=False)
     try:
         train(model, model, "mlp", 1)
@@ -37,11 +49,12 @@ def eager_sites() -> set:
         mon.remove()
 
 
+@pytest.mark.parametrize("kind", ["mlp", "sequential"])
 @pytest.mark.parametrize("order", ["watch_first", "unwatched_compiled_first"])
-def test_watched_instance_never_runs_an_unwatched_instance_code(order):
-    expected = eager_sites()
+def test_watched_instance_never_runs_an_unwatched_instance_code(order, kind):
+    expected = eager_sites(kind)
     assert any(phase == "forward" and site != "<model>" for site, phase, _ in expected)
-    teacher, student = make("mlp", seed=0), make("mlp", seed=1)
+    teacher, student = build(kind, seed=0), build(kind, seed=1)
     if order == "unwatched_compiled_first":
         fteacher = torch.compile(teacher, backend=BACKEND)
         train(fteacher, teacher, "mlp", 1)
