@@ -55,11 +55,14 @@ class NativeRules:
         self._order: List = []                    # the sites of the last set_order
         self._order_buffers: List = []
         self._order_dtypes: List = []             # their dtypes then
+        self._dtype_of: Dict[object, object] = {}  # site -> dtype the engine judges it as
 
     def _id(self, site) -> int:
+        """The engine's id of ``site``, registered on first use; a site whose dtype changed
+        (``model.half()`` mid-run) gets the limits of its new dtype."""
         sid = self._ids.get(site)
+        dtype = getattr(site, "dtype", None)
         if sid is None:
-            dtype = getattr(site, "dtype", None)
             key = -1
             if site.phase in ("grad", "param"):  # a parameter's gradient and value meet
                 key = self._param_keys.setdefault((site.module, site.name, site.role),
@@ -67,15 +70,11 @@ class NativeRules:
             sid = self._ids[site] = self._engine.add_site(
                 PHASES.index(site.phase) if site.phase in PHASES else _OTHER,
                 bool(site.allow_inf), *_limits(dtype), key)
+            self._dtype_of[site] = dtype
+        elif self._dtype_of[site] is not dtype:
+            self._engine.set_site_limits(sid, *_limits(dtype))
+            self._dtype_of[site] = dtype
         return sid
-
-    def _dtypes_changed(self, sites: Sequence) -> None:
-        """A site's dtype changed since the last order (``model.half()`` mid-run): the
-        engine takes the limits of its new dtype."""
-        for site, old in zip(sites, self._order_dtypes):
-            dtype = getattr(site, "dtype", None)
-            if dtype is not old:
-                self._engine.set_site_limits(self._id(site), *_limits(dtype))
 
     def evaluate_view(self, step: int, sites: Sequence, hosts: Dict) -> List[R.Finding]:
         """The findings of a decoded step.
@@ -95,8 +94,9 @@ class NativeRules:
             self._engine.set_order([self._id(s) for s in sites],
                                    [index[s.buffer] for s in sites], [s.slot for s in sites])
             self._order, self._order_buffers = list(sites), buffers
-        elif dtypes != self._order_dtypes:
-            self._dtypes_changed(sites)
+        elif dtypes != self._order_dtypes:  # a dtype changed: its site's limits follow
+            for s in sites:
+                self._id(s)
         self._order_dtypes = dtypes
         # (a step boundary inside a torch.func transform: the host rows are its wrappers)
         found = self._engine.evaluate_order([ops.physical(hosts[b]) for b in buffers])
