@@ -22,6 +22,7 @@ import torch
 from . import fastpath, ops
 from . import rules as R
 from ._layout import NUM_STATS
+from .records import DTYPE_CHANGES
 
 PHASES = ("input", "forward", "backward", "grad", "loss", "param", "label")  # rules_core.h
 _OTHER = len(PHASES)
@@ -54,7 +55,7 @@ class NativeRules:
         self._param_keys: Dict[tuple, int] = {}   # (module, name, role) -> key
         self._order: List = []                    # the sites of the last set_order
         self._order_buffers: List = []
-        self._order_dtypes: List = []             # their dtypes then
+        self._dtype_changes = DTYPE_CHANGES[0]    # the count the limits are up to date with
         self._dtype_of: Dict[object, object] = {}  # site -> dtype the engine judges it as
 
     def _id(self, site) -> int:
@@ -88,16 +89,15 @@ class NativeRules:
             :class:`~healthmon.rules.Finding` tuples that start a new episode, in order.
         """
         buffers = list(hosts)
-        dtypes = [getattr(s, "dtype", None) for s in sites]
         if sites != self._order or buffers != self._order_buffers:  # identity, per item
             index = {b: i for i, b in enumerate(buffers)}
             self._engine.set_order([self._id(s) for s in sites],
                                    [index[s.buffer] for s in sites], [s.slot for s in sites])
             self._order, self._order_buffers = list(sites), buffers
-        elif dtypes != self._order_dtypes:  # a dtype changed: its site's limits follow
+        elif self._dtype_changes != DTYPE_CHANGES[0]:  # a site's limits follow its dtype
             for s in sites:
                 self._id(s)
-        self._order_dtypes = dtypes
+        self._dtype_changes = DTYPE_CHANGES[0]
         # (a step boundary inside a torch.func transform: the host rows are its wrappers)
         found = self._engine.evaluate_order([ops.physical(hosts[b]) for b in buffers])
         if not found:

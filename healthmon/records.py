@@ -31,6 +31,9 @@ from .errors import Anomaly
 from .stacks import StackTable
 
 _KEYS = itertools.count()  # record-buffer keys, unique in the process
+# sites whose dtype changed, process-wide: what judges a site by its dtype (the C++ rules
+# engine) re-reads the dtypes when this moves, instead of comparing them every step
+DTYPE_CHANGES = [0]
 
 
 def _release_keys(registered: Dict[int, torch.Tensor]) -> None:
@@ -194,6 +197,7 @@ class Recorder:
             # the module runs in another precision now (model.half(), an evaluation loop
             # without autocast): the rules judge the latest, the caches key on it
             site.dtype = dtype
+            DTYPE_CHANGES[0] += 1
         return site
 
     def tensor_key(self, buf: DeviceBuffer) -> int:
