@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import ops
+from . import dynamo_fix, ops
 from .hooks import flat_tensors
 from .owners import Owners
 from .stacks import traced_stack
@@ -47,15 +47,18 @@ _HOOK_GUARD_SAVED: list = []  # the setting before the first attached monitor, w
 def _restore_hook_guards() -> None:
     if _HOOK_GUARD_SAVED:
         torch._dynamo.config.skip_nnmodule_hook_guards = _HOOK_GUARD_SAVED.pop()
+        dynamo_fix.uninstall()
 
 
 _hook_guard_owners = Owners(on_collected=_restore_hook_guards)
 
 
 def guard_hooks(monitor) -> None:
-    """Attach time: Dynamo guards on module hooks while ``monitor`` is attached."""
+    """Attach time: Dynamo guards on module hooks while ``monitor`` is attached, and its
+    ``__dict__`` proxies survive our traced gradient hooks (:mod:`healthmon.dynamo_fix`)."""
     if not _HOOK_GUARD_SAVED:
         _HOOK_GUARD_SAVED.append(torch._dynamo.config.skip_nnmodule_hook_guards)
+        dynamo_fix.install()
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     _hook_guard_owners.add(monitor)
 
