@@ -9,6 +9,12 @@ module (``torch.compile(model)``; loss and optimizer step stay eager, as most sc
   compiled        no monitoring, ``torch.compile(model)``
   compiled+async  ``healthmon.watch(model, sync=False)`` then ``torch.compile(model)``
 
+Extra variant (``--variants``):
+
+  compiled+noop   hooks that do nothing where the monitor hooks (``small.NoopHooks``), then
+                  ``torch.compile(model)``, with Dynamo guarding on module hooks as while a
+                  monitor is attached: the floor of any hook-based monitor under compile
+
 Steady-state step times are interleaved round by round after a warm-up (ratios to
 ``compiled``, median of the per-round ratios). Compile time is the wall time of the warm-up
 steps minus that many steady steps, measured once per variant (not interleaved: it happens
@@ -44,8 +50,10 @@ import _timing as T  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 import models as M  # noqa: E402
 import overhead as O  # noqa: E402
+import small as S  # noqa: E402
 
 VARIANTS = ("eager", "compiled", "compiled+async")
+EXTRA_VARIANTS = ("compiled+noop",)
 DEFAULT_MODELS = ("transformer",) + M.SMALL_MODELS + ("mlp",)
 
 
@@ -69,11 +77,14 @@ class Runner:
         self.model.train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=spec.lr)
         self.mon = None
+        self.hooks = None
         self.compiled = variant != "eager"
         self.fwd = self.model
         if variant == "compiled+async":
             self.mon = O._watch(self.model, "async")
             O._LIVE_MONITORS.append(self.mon)
+        elif variant == "compiled+noop":
+            self.hooks = S.NoopHooks(self.model)
         if self.compiled:
             self.fwd = torch.compile(self.model, backend=backend)
         self.compile_s = None
@@ -111,6 +122,8 @@ class Runner:
         except Exception as exc:
             err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         O._call(self.mon, "remove")
+        if self.hooks is not None:
+            self.hooks.remove()
         if self.mon in O._LIVE_MONITORS:
             O._LIVE_MONITORS.remove(self.mon)
         return err
@@ -121,6 +134,10 @@ def bench_model(name: str, args) -> dict:
     print(f"\n[{name}] {spec.description}, {spec.params / 1e6:.3f} M parameters, "
           f"backend {args.backend}", flush=True)
     torch._dynamo.reset()
+    if "compiled+noop" in args.variants:
+        # what a monitor sets while attached, before any variant compiles: without it the
+        # hooked copy runs the unhooked variant's code (one code object per class), unseen
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
     runners, warm, errors = {}, {}, {}
     for v in args.variants:  # one after the other: compile counts stay per variant
         try:
@@ -205,8 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(T.describe_machine(info), flush=True)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in args.variants:
-        if v not in VARIANTS:
-            p.error(f"unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
+        if v not in VARIANTS + EXTRA_VARIANTS:
+            p.error(f"unknown variant {v!r} "
+                    f"(choose from {', '.join(VARIANTS + EXTRA_VARIANTS)})")
     if "compiled" not in args.variants:
         args.variants.insert(0, "compiled")
     names = [n.strip() for n in args.models.split(",") if n.strip()]

@@ -29,6 +29,10 @@ TORCH_LIBRARY(healthmon, m) {
   // Statistics do not depend on element order: Inductor may hand over x in whatever layout
   // it produced (channels-last, a permuted view) instead of copying it to eager's strides.
   m.def("record_to(Tensor x, int buffer, int slot) -> ()", {at::Tag::flexible_layout});
+  // record_to of xs[i] into buffers[i] row slots[i], for every i, in one call: what
+  // healthmon's Inductor pass (healthmon/compile_pass.py) merges a graph's small records into.
+  m.def("multi_record_to(Tensor[] xs, int[] buffers, int[] slots) -> ()",
+        {at::Tag::flexible_layout});
   // Range check of integer labels: int64 [kNumLabelFields].
   m.def("label_check(Tensor target, int num_classes, int ignore_index) -> Tensor");
   // Range check plus an int64 copy of target with bad labels replaced by ignore_index.
@@ -156,6 +160,13 @@ void record_to(const at::Tensor& x, int64_t buffer, int64_t slot) {
   merge_row(records, slot, fresh);
 }
 
+void multi_record_to(at::TensorList xs, at::IntArrayRef buffers, at::IntArrayRef slots) {
+  TORCH_CHECK(buffers.size() == xs.size() && slots.size() == xs.size(),
+              "healthmon::multi_record_to: ", xs.size(), " tensors need as many buffers and "
+              "slots, got ", buffers.size(), " and ", slots.size());
+  for (size_t i = 0; i < xs.size(); ++i) record_to(xs[i], buffers[i], slots[i]);
+}
+
 // The monitor's hot path: one Python -> C++ call per recorded tensor. It calls the
 // registered kernel through the C++ dispatcher (whatever the device) below the autograd
 // keys, so a tensor that requires grad needs no Python-side detach() and no autograd
@@ -206,6 +217,7 @@ void register_param_plan(pybind11::module& m);  // param_plan.cpp
 
 TORCH_LIBRARY_IMPL(healthmon, CompositeExplicitAutograd, m) {
   m.impl("record_to", &record_to);
+  m.impl("multi_record_to", &multi_record_to);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -298,6 +298,10 @@ if _native is not None:
     def _record_to_fake(x, buffer, slot):
         return None
 
+    @torch.library.register_fake("healthmon::multi_record_to")
+    def _multi_record_to_fake(xs, buffers, slots):
+        return None
+
     @torch.library.register_fake("healthmon::multi_stats")
     def _multi_stats_fake(xs):
         device = xs[0].device if xs else torch.device("cpu")
@@ -329,13 +333,14 @@ if _native is not None:
 _LIB = None
 if _native is not None:
     _LIB = torch.library.Library("healthmon", "IMPL")
-    for _op in ("stats", "stats_into", "record_to", "multi_stats", "multi_stats_into",
-                "label_check", "label_sanitize"):
+    for _op in ("stats", "stats_into", "record_to", "multi_record_to", "multi_stats",
+                "multi_stats_into", "label_check", "label_sanitize"):
         _LIB.impl(_op, torch.library.fallthrough_kernel, "Autograd")
     # record_to writes a buffer it does not take as an argument (so compiled graphs neither
     # save nor mutate the buffer): nothing in a graph uses its (absent) result, so graph
     # passes must be told not to drop it as dead code.
     torch.fx.node.has_side_effect(torch.ops.healthmon.record_to.default)
+    torch.fx.node.has_side_effect(torch.ops.healthmon.multi_record_to.default)
 
     def _front(x, dim):
         """``x`` with its vmap batch dimension first (``dim`` None: unbatched, unchanged)."""

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 
 import torch
 
-from . import dynamo_fix, ops
+from . import compile_pass, dynamo_fix, ops
 from .hooks import flat_tensors
 from .owners import Owners
 from .stacks import traced_stack
@@ -48,17 +48,20 @@ def _restore_hook_guards() -> None:
     if _HOOK_GUARD_SAVED:
         torch._dynamo.config.skip_nnmodule_hook_guards = _HOOK_GUARD_SAVED.pop()
         dynamo_fix.uninstall()
+        compile_pass.uninstall()
 
 
 _hook_guard_owners = Owners(on_collected=_restore_hook_guards)
 
 
 def guard_hooks(monitor) -> None:
-    """Attach time: Dynamo guards on module hooks while ``monitor`` is attached, and its
-    ``__dict__`` proxies survive our traced gradient hooks (:mod:`healthmon.dynamo_fix`)."""
+    """Attach time: while ``monitor`` is attached Dynamo guards on module hooks, its
+    ``__dict__`` proxies survive our traced gradient hooks (:mod:`healthmon.dynamo_fix`)
+    and Inductor merges a graph's small records (:mod:`healthmon.compile_pass`)."""
     if not _HOOK_GUARD_SAVED:
         _HOOK_GUARD_SAVED.append(torch._dynamo.config.skip_nnmodule_hook_guards)
         dynamo_fix.install()
+        compile_pass.install()
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     _hook_guard_owners.add(monitor)
 

@@ -27,8 +27,9 @@ def test_layout_matches_compiled_extension():
 
 
 @needs_ext
-@pytest.mark.parametrize("case", ["stats", "stats_into", "record_to", "multi_stats",
-                                  "multi_stats_into", "label_check", "label_sanitize"])
+@pytest.mark.parametrize("case", ["stats", "stats_into", "record_to", "multi_record_to",
+                                  "multi_stats", "multi_stats_into", "label_check",
+                                  "label_sanitize"])
 def test_opcheck(case):
     x = torch.randn(5, 7)
     x[1, 2] = math.nan
@@ -38,6 +39,8 @@ def test_opcheck(case):
         "stats": (torch.ops.healthmon.stats.default, (x,)),
         "stats_into": (torch.ops.healthmon.stats_into.default, (x, records, 1)),
         "record_to": (torch.ops.healthmon.record_to.default, (x, TEST_KEY, 1)),
+        "multi_record_to": (torch.ops.healthmon.multi_record_to.default,
+                            ([x, x.t()[1:], x[0]], [TEST_KEY] * 3, [1, 3, 0])),
         "multi_stats": (torch.ops.healthmon.multi_stats.default, ([x, x.t(), x[0]],)),
         "multi_stats_into": (torch.ops.healthmon.multi_stats_into.default,
                              ([x, x[:2]], records, [3, 0])),
@@ -77,6 +80,34 @@ def test_record_to_writes_the_registered_buffer_only():
     assert torch.equal(got, want)
     with pytest.raises(RuntimeError, match="no record buffer under key"):
         _C.registered_buffer(TEST_KEY)
+
+
+@needs_ext
+def test_multi_record_to_writes_what_record_to_writes():
+    """multi_record_to(xs, buffers, slots) == record_to of each, in order (a NaN, an Inf,
+    a strided and an empty tensor included; a key without a buffer drops its record);
+    mismatched lengths are a clear error."""
+    from healthmon import _C
+    x = torch.randn(6, 5)
+    x[0, 1], x[2, 2] = math.nan, -math.inf
+    xs = [x, x[:, ::2], x[:0], torch.tensor(3.0, dtype=torch.float64)]
+    slots = [2, 0, 1, 3]
+    want = torch.zeros(4, NUM_STATS, dtype=torch.float64)
+    got = torch.zeros(4, NUM_STATS, dtype=torch.float64)
+    try:
+        _C.set_record_buffer(TEST_KEY, want)
+        for t, slot in zip(xs, slots):
+            torch.ops.healthmon.record_to(t, TEST_KEY, slot)
+        _C.clear_record_buffer(TEST_KEY)  # a fresh registration: its rows' first writes
+        _C.set_record_buffer(TEST_KEY, got)
+        torch.ops.healthmon.multi_record_to(xs + [x], [TEST_KEY] * 4 + [TEST_KEY + 1],
+                                            slots + [0])
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # (empty: NaN min)
+        assert got[2, 1].item() == 1 and got[2, 3].item() == 1  # the NaN and the -Inf
+        with pytest.raises(RuntimeError, match="need as many buffers and slots"):
+            torch.ops.healthmon.multi_record_to(xs, [TEST_KEY], slots)
+    finally:
+        _C.clear_record_buffer(TEST_KEY)
 
 
 @needs_ext
