@@ -205,6 +205,7 @@ def test_compiled_smoke(tmp_path):
     aot_eager backend (no Inductor code generation in a smoke test); graph counts present."""
     out = tmp_path / "compiled.json"
     p = run("compiled.py", "--tiny", "--models", "deep,mlp", "--backend", "aot_eager",
+            "--variants", "eager,compiled,compiled+noop,compiled+async",
             "--rounds", "2", "--warmup", "2", "--steps-per-sample", "1", "--allow-reference",
             "--json", str(out), timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -213,11 +214,21 @@ def test_compiled_smoke(tmp_path):
     assert d["benchmark"] == "compiled"
     assert [m["model"] for m in d["models"]] == ["deep", "mlp"]
     for m in d["models"]:
-        assert set(m["variants"]) == {"eager", "compiled", "compiled+async"}, m["setup_errors"]
+        assert set(m["variants"]) == {"eager", "compiled", "compiled+noop", "compiled+async"}, \
+            m["setup_errors"]
         assert m["variants"]["compiled"]["ratio"] == pytest.approx(1.0)
         assert not m["anomalies_at_end"], m["anomalies_at_end"]
         for v, r in m["variants"].items():
             assert r["error"] is None and finite(r["ratio"]), (v, r)
-        for v in ("compiled", "compiled+async"):
+        for v in ("compiled", "compiled+noop", "compiled+async"):
             assert m["variants"][v]["graphs"] >= 1, (v, m["variants"][v])
             assert finite(m["variants"][v]["compile_s"])
+
+
+def test_compile_pass_ab_smoke():
+    """bench/compile_pass_ab.py: the three variants of a tiny deep stack, with Inductor."""
+    p = run("compile_pass_ab.py", "--tiny", "--model", "deep", "--rounds", "2", "--steps", "2",
+            timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| ") and "x |" in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["unwatched", "merged", "unmerged"]
