@@ -32,8 +32,12 @@ GROUP_BYTES = 1024 * 1024  # the most a group of merged records keeps alive
 
 
 def _record_op():
-    """``healthmon::record_to``, or None without the native extension."""
-    return getattr(torch.ops.healthmon, "record_to", None) and torch.ops.healthmon.record_to.default
+    """``healthmon::record_to``, or None without the native extension (or with a build
+    older than ``multi_record_to``)."""
+    lib = torch.ops.healthmon
+    if not (hasattr(lib, "record_to") and hasattr(lib, "multi_record_to")):
+        return None
+    return lib.record_to.default
 
 
 def _small_bytes(node: torch.fx.Node) -> Optional[int]:

@@ -51,6 +51,8 @@ def _proxy_class() -> Optional[type]:
     current = SideEffectsProxyDict.__dict__.get("side_effects")
     if current is not None and not isinstance(current, _CurrentSideEffects):
         return None  # the class defines the attribute itself (fixed upstream)
+    if SideEffectsProxyDict.__dictoffset__ == 0:
+        return None  # no instance __dict__ (slots): not the class this fix knows
     return SideEffectsProxyDict
 
 
